@@ -1,0 +1,256 @@
+"""Instrument: pixel grids, Gaussian PSF, noise models and normalisation.
+
+Image arrays are (..., H, W) with x (arcsec) increasing along W and y along H;
+pixel centres sit symmetrically about the optical axis at (0, 0).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lensjax.sim import domain
+
+Array = jax.Array
+
+FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
+
+
+# ----------------------------------------------------------------------------
+# Pixel grids
+# ----------------------------------------------------------------------------
+
+def pixel_coordinates(num_pix: int, pixel_scale: float, supersampling: int = 1,
+                      dtype=jnp.float32) -> tuple[Array, Array]:
+    """Sky coordinates (arcsec) of the pixel (or sub-pixel) centres.
+
+    Returns x, y of shape (num_pix * supersampling,) * 2, centred on (0, 0).
+    """
+    domain.check_positive_int("num_pix", num_pix)
+    domain.check_positive_int("supersampling", supersampling)
+    domain.check_positive("pixel_scale", pixel_scale)
+    n = num_pix * supersampling
+    step = pixel_scale / supersampling
+    axis = (np.arange(n) - (n - 1) / 2.0) * step
+    x, y = np.meshgrid(axis, axis)
+    return jnp.asarray(x, dtype), jnp.asarray(y, dtype)
+
+
+def bin_supersampled(image: Array, supersampling: int) -> Array:
+    """Mean over supersampling x supersampling blocks: (..., H*s, W*s) -> (..., H, W)."""
+    if supersampling == 1:
+        return image
+    *lead, hs, ws = image.shape
+    s = supersampling
+    return image.reshape(*lead, hs // s, s, ws // s, s).mean(axis=(-3, -1))
+
+
+def mean_pool(image: Array, factor: int) -> Array:
+    """factor x factor mean pooling of the last two axes (the VI.B LR operator)."""
+    domain.check_positive_int("factor", factor)
+    *_, h, w = image.shape
+    if h % factor or w % factor:
+        raise ValueError(f"image size {h}x{w} is not divisible by factor={factor}")
+    return bin_supersampled(image, factor)
+
+
+# ----------------------------------------------------------------------------
+# PSF
+# ----------------------------------------------------------------------------
+
+def gaussian_kernel_1d(sigma_pix: float, truncation: float) -> np.ndarray:
+    """Normalised 1-D Gaussian taps exactly as scipy.ndimage.gaussian_filter builds them."""
+    domain.check_positive("sigma_pix", sigma_pix)
+    domain.check_positive("truncation", truncation)
+    radius = int(truncation * float(sigma_pix) + 0.5)
+    offsets = np.arange(-radius, radius + 1, dtype=np.float64)
+    taps = np.exp(-0.5 * (offsets / sigma_pix) ** 2)
+    return taps / taps.sum()
+
+
+def _filter_axis_nearest(image: Array, taps: np.ndarray, axis: int) -> Array:
+    radius = len(taps) // 2
+    pad = [(0, 0)] * image.ndim
+    pad[axis] = (radius, radius)
+    padded = jnp.pad(image, pad, mode="edge")
+    size = image.shape[axis]
+    # A handful of shifted multiply-adds: far cheaper than an FFT or a 2-D
+    # convolution for the 5-11 tap kernels of the DeepLense recipes.
+    out = None
+    for i, weight in enumerate(taps):
+        term = jax.lax.slice_in_dim(padded, i, i + size, axis=axis) * weight
+        out = term if out is None else out + term
+    return out
+
+
+def convolve_gaussian_psf(image: Array, fwhm: float, pixel_scale: float,
+                          truncation: float = 3.0) -> Array:
+    """Gaussian PSF, as scipy.ndimage.gaussian_filter(mode='nearest') on (..., H, W).
+
+    fwhm and pixel_scale in arcsec; the kernel is cut at `truncation` sigma.
+    """
+    domain.check_positive("fwhm", fwhm)
+    sigma_pix = float(fwhm) / FWHM_PER_SIGMA / float(pixel_scale)
+    taps = gaussian_kernel_1d(sigma_pix, truncation).astype(np.dtype(image.dtype))
+    return _filter_axis_nearest(_filter_axis_nearest(image, taps, -1), taps, -2)
+
+
+# ----------------------------------------------------------------------------
+# Random draws
+# ----------------------------------------------------------------------------
+
+# Below this rate Poisson draws are exact inversions of the CDF; above it a
+# skewness-corrected normal quantile is used (see `poisson`).
+POISSON_INVERSION_MAX_RATE = 10.0
+_POISSON_INVERSION_STEPS = 36  # P(X > 36 | rate 10) < 1e-9
+
+
+def uniform_to_normal(u: Array) -> Array:
+    """Standard normal quantile of uniforms in (0, 1)."""
+    return jax.scipy.special.ndtri(u)
+
+
+def poisson_from_uniform(u: Array, rate: Array) -> Array:
+    """Poisson(rate) draws from uniforms u in (0, 1), elementwise; float result.
+
+    rate < 10: exact inversion of the Poisson CDF (36 unrolled steps, vectorised).
+    rate >= 10: X = round(rate + sqrt(rate - 5/36) z + (z^2 - 1) / 6), z = Phi^-1(u):
+    the Cornish-Fisher quantile with continuity correction, whose mean, variance
+    and skewness match Poisson's to O(rate^-1/2) (total variation < 0.01, tested
+    against scipy). jax.random.poisson is exact but ~30x slower batched on CPU.
+    """
+    rate = jnp.maximum(rate, 0.0)
+    small = rate < POISSON_INVERSION_MAX_RATE
+    rate_small = jnp.where(small, rate, 0.0)
+
+    # Unrolled with constant 1/k: 4x faster on XLA:CPU than a fori_loop.
+    prob = jnp.exp(-rate_small)
+    cdf, count = prob, jnp.zeros_like(u)
+    for k in range(1, _POISSON_INVERSION_STEPS + 1):
+        count = count + (u > cdf).astype(u.dtype)
+        prob = prob * rate_small * (1.0 / k)
+        cdf = cdf + prob
+    z = uniform_to_normal(u)
+    rate_big = jnp.maximum(rate, POISSON_INVERSION_MAX_RATE)
+    quantile = rate_big + jnp.sqrt(rate_big - 5.0 / 36.0) * z + (z * z - 1.0) / 6.0
+    big = jnp.maximum(jnp.round(quantile), 0.0)
+    return jnp.where(small, count, big)
+
+
+def poisson(key: Array, rate: Array, exact: bool = False) -> Array:
+    """Poisson draws of the shape of `rate` (float). exact=True uses jax.random.poisson."""
+    if exact:
+        return jax.random.poisson(key, jnp.maximum(rate, 0.0), rate.shape).astype(rate.dtype)
+    return poisson_from_uniform(_open_uniform(key, rate.shape, rate.dtype), rate)
+
+
+def _open_uniform(key: Array, shape, dtype) -> Array:
+    tiny = jnp.finfo(dtype).eps
+    return jax.random.uniform(key, shape, dtype, minval=tiny, maxval=1.0)
+
+
+def standard_normal(key: Array, shape, dtype=jnp.float32) -> Array:
+    """N(0, 1) draws."""
+    return jax.random.normal(key, shape, dtype)
+
+
+# ----------------------------------------------------------------------------
+# Noise models
+# ----------------------------------------------------------------------------
+
+def noise_model_i(key: Array, model: Array, exposure_time: Array,
+                  background_rms: float = 0.01, exact_poisson: bool = False) -> Array:
+    """DeepLenseSim Model I noise; returns the stored image in counts, shape of `model`.
+
+    image_real = t * (model + poisson_part + background), poisson_part ~
+    N(0, model / t) (lenstronomy's add_poisson), background ~ N(0, rms^2);
+    stored = Poisson(max(image_real, 0)).
+    """
+    domain.check_positive("exposure_time", exposure_time)
+    domain.check_nonnegative("background_rms", background_rms)
+    k_shot, k_bkg, k_count = jax.random.split(key, 3)
+    shot_sigma = jnp.sqrt(jnp.maximum(model, 0.0) / exposure_time)
+    shot = standard_normal(k_shot, model.shape, model.dtype) * shot_sigma
+    background = standard_normal(k_bkg, model.shape, model.dtype) * background_rms
+    image_real = exposure_time * (model + shot + background)
+    return poisson(k_count, jnp.maximum(image_real, 0.0), exact=exact_poisson)
+
+
+@dataclasses.dataclass(frozen=True)
+class SingleBand:
+    """A lenstronomy SingleBand observation (data in electrons per second)."""
+
+    name: str
+    pixel_scale: float          # arcsec / pixel
+    seeing: float               # Gaussian PSF FWHM, arcsec
+    exposure_time: float        # seconds per exposure
+    num_exposures: int
+    sky_brightness: float       # mag / arcsec^2
+    magnitude_zero_point: float  # mag giving 1 e-/s
+    read_noise: float           # e- per exposure
+    ccd_gain: float             # e- / ADU (kept for reference; data are in e-)
+
+    def __post_init__(self):
+        for field in ("pixel_scale", "seeing", "exposure_time", "ccd_gain"):
+            domain.check_positive(field, getattr(self, field))
+        domain.check_nonnegative("read_noise", self.read_noise)
+        domain.check_positive_int("num_exposures", self.num_exposures)
+
+    @property
+    def total_exposure_time(self) -> float:
+        return self.exposure_time * self.num_exposures
+
+    @property
+    def sky_cps_per_pixel(self) -> float:
+        """Sky level in e-/s per pixel."""
+        return 10.0 ** (-0.4 * (self.sky_brightness - self.magnitude_zero_point)) * self.pixel_scale**2
+
+    @property
+    def background_noise(self) -> float:
+        """Gaussian sigma of read + sky noise per pixel, in e-/s (lenstronomy's bkg_noise)."""
+        t = self.total_exposure_time
+        return math.sqrt(self.num_exposures * self.read_noise**2 + t * self.sky_cps_per_pixel) / t
+
+
+# lenstronomy.SimulationAPI.ObservationConfig values.
+EUCLID_VIS = SingleBand(name="Euclid VIS", pixel_scale=0.101, seeing=0.16, exposure_time=565.0,
+                        num_exposures=4, sky_brightness=22.35, magnitude_zero_point=24.0,
+                        read_noise=4.2, ccd_gain=3.1)
+HST_WFC3_F160W = SingleBand(name="HST WFC3 F160W", pixel_scale=0.08, seeing=0.08,
+                            exposure_time=5400.0, num_exposures=1, sky_brightness=22.3,
+                            magnitude_zero_point=25.96, read_noise=4.0, ccd_gain=2.5)
+
+
+def noise_single_band(key: Array, model_cps: Array, band: SingleBand) -> Array:
+    """lenstronomy's SimAPI.noise_for_model: Gaussian background + Gaussian shot noise (e-/s)."""
+    k_bkg, k_shot = jax.random.split(key)
+    t = band.total_exposure_time
+    shot_sigma = jnp.sqrt(jnp.maximum(model_cps, 0.0) * t) / t
+    noise = standard_normal(k_bkg, model_cps.shape, model_cps.dtype) * band.background_noise
+    noise = noise + standard_normal(k_shot, model_cps.shape, model_cps.dtype) * shot_sigma
+    return model_cps + noise
+
+
+def noise_sky_poisson(key: Array, image: Array, exposure_time: float, sky_level: float,
+                      exact_poisson: bool = False) -> Array:
+    """PyLensing imaging noise: Poisson counts of (image + sky) * t, back in image units minus sky."""
+    domain.check_positive("exposure_time", exposure_time)
+    domain.check_nonnegative("sky_level", sky_level)
+    counts = poisson(key, (image + sky_level) * exposure_time, exact=exact_poisson)
+    return counts / exposure_time - sky_level
+
+
+# ----------------------------------------------------------------------------
+# Normalisation
+# ----------------------------------------------------------------------------
+
+def min_max_normalise(image: Array) -> Array:
+    """Per-image min-max scaling of (..., H, W) to [0, 1] (a constant image maps to 0)."""
+    lo = image.min(axis=(-2, -1), keepdims=True)
+    hi = image.max(axis=(-2, -1), keepdims=True)
+    span = hi - lo
+    return jnp.where(span > 0, (image - lo) / jnp.where(span > 0, span, 1.0), 0.0)
