@@ -125,9 +125,24 @@ def _sample(preset: Preset, key: Array, batch_size: int, static_label: int | Non
     else:
         labels = jnp.full((batch_size,), static_label, jnp.int32)
     keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(indices)
-    images, params = jax.vmap(preset.simulate_example, in_axes=(0, 0, None))(
-        keys, labels, static_label)
+
+    def simulate(args):
+        return preset.simulate_example(*args, static_label)
+
+    images, params = jax.lax.map(simulate, (keys, labels), batch_size=_chunk_size(batch_size))
     return images[..., None], labels.astype(jnp.int32), params
+
+
+# On CPU, images are simulated a few at a time so that every intermediate
+# (B, H, W) array stays in cache; accelerators take the whole batch at once.
+CPU_CHUNK_SIZE = 4
+
+
+def _chunk_size(batch_size: int) -> int:
+    """Examples simulated together: a divisor of batch_size (a remainder would compile twice)."""
+    if jax.default_backend() != "cpu":
+        return batch_size
+    return max(d for d in range(1, min(CPU_CHUNK_SIZE, batch_size) + 1) if batch_size % d == 0)
 
 
 def _short(value: Any) -> str:
