@@ -19,8 +19,10 @@ ARCSEC_PER_RADIAN = 180.0 / np.pi * 3600.0
 
 def comoving_distance_mpc(z: float, h0: float = 70.0, omega_m: float = 0.3) -> float:
     """Line-of-sight comoving distance in Mpc of a flat LambdaCDM universe."""
-    if z < 0:
+    if not z >= 0:  # also rejects NaN
         raise ValueError(f"redshift z must be >= 0, got {z}")
+    if not h0 > 0:
+        raise ValueError(f"h0 must be > 0 (km/s/Mpc), got {h0}")
     if not 0.0 <= omega_m <= 1.0:
         raise ValueError(f"omega_m must lie in [0, 1], got {omega_m}")
     # Gauss-Legendre on 1/E(z) is smooth, so 64 nodes reach float64 precision.
@@ -49,7 +51,7 @@ def einstein_radius_point_mass(
     diameter version); 1e12 Msun at z 0.5 -> 1.0 gives 1.2815 arcsec.
     """
     mass = np.asarray(mass_msun, dtype=np.float64)
-    if np.any(mass < 0):
+    if not np.all(mass >= 0):  # also rejects NaN
         raise ValueError(f"mass_msun must be >= 0, got {mass_msun}")
     if not z_source > z_lens >= 0:
         raise ValueError(f"need z_source > z_lens >= 0, got z_lens={z_lens}, z_source={z_source}")

@@ -280,7 +280,8 @@ class SingleBand:
         return math.sqrt(self.num_exposures * self.read_noise**2 + t * self.sky_cps_per_pixel) / t
 
 
-# lenstronomy.SimulationAPI.ObservationConfig values.
+# The DeepLenseSim recipe's numbers (shared/SIMULATION.md). lenstronomy 1.14's own
+# Euclid config differs (566 s, sky 22.3, zero point 25.72); its F160W matches.
 EUCLID_VIS = SingleBand(name="Euclid VIS", pixel_scale=0.101, seeing=0.16, exposure_time=565.0,
                         num_exposures=4, sky_brightness=22.35, magnitude_zero_point=24.0,
                         read_noise=4.2, ccd_gain=3.1)
@@ -317,4 +318,6 @@ def min_max_normalise(image: Array) -> Array:
     lo = image.min(axis=(-2, -1), keepdims=True)
     hi = image.max(axis=(-2, -1), keepdims=True)
     span = hi - lo
-    return jnp.where(span > 0, (image - lo) / jnp.where(span > 0, span, 1.0), 0.0)
+    scaled = jnp.clip((image - lo) / jnp.where(span > 0, span, 1.0), 0.0, 1.0)
+    # XLA may divide by multiplying with a reciprocal; pin the maximum to exactly 1.
+    return jnp.where(span > 0, jnp.where(image == hi, 1.0, scaled), 0.0)

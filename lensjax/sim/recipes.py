@@ -110,6 +110,9 @@ class Preset:
         label: force every example to one class (also makes the simulation cheaper,
         since only that class's subhaloes are traced); default: balanced classes.
         start_index: global index of the first example (for chunked generation).
+        The class is not part of an example's key: the same key and index with a
+        different forced label give the same source, exposure and noise draws, so
+        classes can be compared like for like (export folds the class into the key).
         """
         domain.check_positive_int("batch_size", batch_size)
         static_label = None if label is None else self.label_index(label)
@@ -149,6 +152,8 @@ def _short(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     if isinstance(value, instrument.SingleBand):
+        return value.name
+    if isinstance(value, Preset):
         return value.name
     if isinstance(value, tuple):
         return "(" + ", ".join(_short(v) for v in value) + ")"
