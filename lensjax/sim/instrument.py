@@ -11,6 +11,7 @@ import functools
 import math
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import scipy.special
@@ -111,7 +112,7 @@ def convolve_gaussian_psf(image: Array, fwhm: float, pixel_scale: float,
 
 # Below this rate Poisson draws are exact inversions of the CDF; above it a
 # skewness-corrected normal quantile is used (see `poisson_from_uniform`).
-POISSON_INVERSION_MAX_RATE = 10.0
+POISSON_INVERSION_MAX_RATE = 5.0
 
 
 def _inversion_steps(resolution: float) -> int:
@@ -175,11 +176,27 @@ def poisson(key: Array, rate: Array, exact: bool = False) -> Array:
 
 
 def _open_uniform(key: Array, shape, dtype) -> Array:
-    tiny = jnp.finfo(dtype).eps
-    return jax.random.uniform(key, shape, dtype, minval=tiny, maxval=1.0)
+    """Uniforms in (0, 1) at the midpoints of 2^24 cells (float32's resolution near 1)."""
+    cells = (random_words(key, shape) >> 8).astype(dtype)
+    return (cells + 0.5) * (2.0**-24)
 
 
 UNIFORM_16BIT_RESOLUTION = 2.0**-16
+
+
+def random_words(key: Array, shape) -> Array:
+    """Random uint32 words of `shape`, deterministic in `key`.
+
+    For threefry keys, both 32-bit outputs of each Threefry-2x32 block are used
+    (counters 0 .. n-1, as jax's non-partitionable mode does); jax.random.bits
+    in its default partitionable mode spends a whole block per word, twice the work.
+    """
+    if jax.random.key_impl(key) != "threefry2x32":  # e.g. rbg keys
+        return jax.random.bits(key, shape, jnp.uint32)
+    size = math.prod(shape)
+    counts = jnp.arange(size + size % 2, dtype=jnp.uint32)
+    words = jax.extend.random.threefry_2x32(jax.random.key_data(key), counts)
+    return words[:size].reshape(shape)
 
 
 @functools.lru_cache(maxsize=None)
@@ -198,7 +215,7 @@ def uniforms_16bit(key: Array, shape, dtype=jnp.float32
     ~3x cheaper than evaluating ndtri). 16-bit uniforms shift no inverse-CDF
     probability by more than 2^-16 and cut normal tails at 4.3 sigma (mass 2e-5).
     """
-    bits = jax.random.bits(key, shape, jnp.uint32)
+    bits = random_words(key, shape)
     table = jnp.asarray(_normal_quantiles_16bit(jnp.dtype(dtype).name))
     out = []
     for index in ((bits >> 16).astype(jnp.int32), (bits & 0xFFFF).astype(jnp.int32)):

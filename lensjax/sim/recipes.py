@@ -63,11 +63,20 @@ class Preset:
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"dtype must be 'float32' or 'float64', got {self.dtype!r}")
 
-    # Subclasses implement these two.
+    # Subclasses implement `render` and, for noise or normalisation, `observe`.
+    def render(self, key: Array, label: Array, static_label: int | None) -> tuple[Array, Params]:
+        """The noiseless image (H, W) of one example of class `label`, and its latent parameters."""
+        raise NotImplementedError
+
+    def observe(self, key: Array, model: Array, params: Params) -> tuple[Array, Params]:
+        """Noise and normalisation of one rendered image; may add entries to params."""
+        return model, params
+
     def simulate_example(self, key: Array, label: Array, static_label: int | None
                          ) -> tuple[Array, Params]:
-        """One image (H, W) and its latent parameters for class `label`."""
-        raise NotImplementedError
+        """One observed image (H, W) and its latent parameters for class `label`."""
+        model, params = self.render(key, label, static_label)
+        return self.observe(key, model, params)
 
     @property
     def num_classes(self) -> int:
@@ -132,8 +141,14 @@ def _sample(preset: Preset, key: Array, batch_size: int, static_label: int | Non
     def simulate(args):
         return preset.simulate_example(*args, static_label)
 
+    # On CPU a few examples at a time, so that intermediates stay in cache
+    # (a whole-batch pass over each (B, H, W) array is memory-bound there).
     images, params = jax.lax.map(simulate, (keys, labels), batch_size=_chunk_size(batch_size))
     return images[..., None], labels.astype(jnp.int32), params
+
+
+# The noise of example i uses fold_in(key_i, _NOISE_STREAM); its priors use splits of key_i.
+_NOISE_STREAM = 0x6E6F6973
 
 
 # On CPU, images are simulated a few at a time so that every intermediate
@@ -324,9 +339,9 @@ class DeepLenseSimRecipe(Preset):
         return theta_e, along * jnp.cos(angle), along * jnp.sin(angle), mass, axion_mass.astype(dtype)
 
     # -- one example ------------------------------------------------------------
-    def simulate_example(self, key, label, static_label):
+    def render(self, key, label, static_label):
         dtype = jnp.dtype(self.dtype)
-        k_src, k_cdm, k_vort, k_exp, k_noise = jax.random.split(key, 5)
+        k_src, k_cdm, k_vort, k_exp = jax.random.split(key, 4)
         src_x, src_y = _uniform(k_src, -self.source_center_max, self.source_center_max, dtype, (2,))
         cdm_te, cdm_x, cdm_y, cdm_m = self._cdm_subhalos(k_cdm, dtype)
         vort_te, vort_x, vort_y, vort_m, axion_mass = self._vortex(k_vort, dtype)
@@ -351,15 +366,10 @@ class DeepLenseSimRecipe(Preset):
                                        src_x, src_y)
         model = instrument.convolve_gaussian_psf(surface * self.pixel_scale**2, self.psf_fwhm,
                                                  self.pixel_scale, self.psf_truncation)
-        exposure = 10.0 ** _uniform(k_exp, *self.log10_exposure_range, dtype)
-        if self.noise == "model_i":
-            image = instrument.noise_model_i(k_noise, model, exposure, self.background_rms,
-                                             self.exact_poisson)
-        elif self.noise == "single_band":
-            image = instrument.noise_single_band(k_noise, model, self.band)
+        if self.noise == "single_band":
             exposure = jnp.asarray(self.band.total_exposure_time, dtype)
         else:
-            image = model
+            exposure = 10.0 ** _uniform(k_exp, *self.log10_exposure_range, dtype)
         is_axion = label == axion
         params = {
             "source_center_x": src_x, "source_center_y": src_y,
@@ -369,7 +379,18 @@ class DeepLenseSimRecipe(Preset):
             "subhalo_mass_msun": mass_msun[0],
             "num_point_masses": jnp.sum(padded[0] > 0).astype(jnp.int32),
         }
-        return image.astype(dtype), params
+        return model.astype(dtype), params
+
+    def observe(self, key, model, params):
+        k_noise = jax.random.fold_in(key, _NOISE_STREAM)
+        if self.noise == "model_i":
+            image = instrument.noise_model_i(k_noise, model, params["exposure_time"],
+                                             self.background_rms, self.exact_poisson)
+        elif self.noise == "single_band":
+            image = instrument.noise_single_band(k_noise, model, self.band)
+        else:
+            image = model
+        return image.astype(model.dtype), params
 
 
 # ----------------------------------------------------------------------------
@@ -434,9 +455,9 @@ class PyLensingRecipe(Preset):
     def subhalo_theta_e(self) -> float:
         return self.lens_theta_e * math.sqrt(self.subhalo_mass_fraction / self.num_subhalos)
 
-    def simulate_example(self, key, label, static_label):
+    def render(self, key, label, static_label):
         dtype = jnp.dtype(self.dtype)
-        keys = jax.random.split(key, 13)
+        keys = jax.random.split(key, 12)
         u = lambda i, lo, hi, shape=(): _uniform(keys[i], lo, hi, dtype, shape)  # noqa: E731
         two_pi = 2.0 * math.pi
         lens_q, lens_phi = u(0, *self.lens_light_q_range), u(1, 0.0, math.pi)
@@ -470,11 +491,6 @@ class PyLensingRecipe(Preset):
         image = instrument.bin_supersampled(image, self.supersampling)
         image = instrument.convolve_gaussian_psf(
             image, self.psf_sigma * instrument.FWHM_PER_SIGMA, self.pixel_scale, self.psf_truncation)
-        if self.noise:
-            image = instrument.noise_sky_poisson(keys[12], image, self.exposure_time, self.sky_level,
-                                                 self.exact_poisson)
-        if self.normalise:
-            image = instrument.min_max_normalise(image)
         params = {
             "source_center_x": src_x, "source_center_y": src_y, "source_intensity": src_intensity,
             "shear": shear, "shear_angle": shear_angle, "lens_light_q": lens_q,
@@ -482,6 +498,16 @@ class PyLensingRecipe(Preset):
             "num_point_masses": jnp.sum(padded[0] > 0).astype(jnp.int32),
         }
         return image.astype(dtype), params
+
+    def observe(self, key, model, params):
+        image = model
+        if self.noise:
+            image = instrument.noise_sky_poisson(jax.random.fold_in(key, _NOISE_STREAM), image,
+                                                 self.exposure_time, self.sky_level,
+                                                 self.exact_poisson)
+        if self.normalise:
+            image = instrument.min_max_normalise(image)
+        return image.astype(model.dtype), params
 
 
 # ----------------------------------------------------------------------------
@@ -513,11 +539,13 @@ class SuperResolutionPreset(Preset):
         n = self.num_pix // self.factor
         return (n, n, 1)
 
-    def simulate_example(self, key, label, static_label):
-        hr, params = self.base.simulate_example(key, jnp.zeros_like(label), 0)
+    def render(self, key, label, static_label):
+        return self.base.render(key, jnp.zeros_like(label), 0)
+
+    def observe(self, key, model, params):
+        hr, params = self.base.observe(key, model, params)
         hr = instrument.min_max_normalise(hr)
-        params = dict(params, lr_image=instrument.mean_pool(hr, self.factor)[..., None])
-        return hr, params
+        return hr, dict(params, lr_image=instrument.mean_pool(hr, self.factor)[..., None])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -530,8 +558,11 @@ class UnlabelledPreset(Preset):
     pixel_scale: float = 0.05
     base: Preset = dataclasses.field(default_factory=lambda: PyLensingRecipe(name="common_test"))
 
-    def simulate_example(self, key, label, static_label):
-        image, params = self.base.simulate_example(key, label, static_label)
+    def render(self, key, label, static_label):
+        return self.base.render(key, label, static_label)
+
+    def observe(self, key, model, params):
+        image, params = self.base.observe(key, model, params)
         return instrument.min_max_normalise(image), params
 
 

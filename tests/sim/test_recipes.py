@@ -130,9 +130,11 @@ def test_forced_label_reproduces_the_balanced_examples(batches):
                                atol=1e-6 * images[1].max())
 
 
-def test_sharded_over_eight_devices_equals_unsharded(batches):
+@pytest.mark.parametrize("noise", [False, True])
+def test_sharded_over_eight_devices_equals_unsharded(noise):
+    """Un-normalised common_test images, so that one Poisson count is 1 / exposure_time."""
     assert jax.device_count() == 8
-    preset = get_preset("common_test")
+    preset = get_preset("common_test", noise=noise, normalise=False)
     key = jax.random.key(7)
     mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
     sharding = NamedSharding(mesh, P("data"))
@@ -141,13 +143,21 @@ def test_sharded_over_eight_devices_equals_unsharded(batches):
     # (1) The whole call jitted with a sharded output.
     sharded = jax.jit(lambda k: preset.sample(k, batch)[0], out_shardings=sharding)(key)
     assert sharded.sharding.is_equivalent_to(sharding, sharded.ndim)
-    np.testing.assert_allclose(np.asarray(sharded), reference, atol=1e-6)
     # (2) Each device draws only its own examples (what the input pipeline does).
     per_device = batch // 8
     shards = [jax.device_put(preset.sample(key, per_device, start_index=i * per_device)[0], d)
               for i, d in enumerate(mesh.devices.flat)]
     assembled = jax.make_array_from_single_device_arrays(reference.shape, sharding, shards)
-    np.testing.assert_allclose(np.asarray(assembled), reference, atol=1e-6)
+    for result in (np.asarray(sharded), np.asarray(assembled)):
+        diff = np.abs(result - reference)
+        if not noise:
+            np.testing.assert_allclose(result, reference, rtol=1e-5, atol=1e-7)
+            continue
+        # Float rounding differs between compilations and can push a rare draw
+        # across a Poisson CDF step: at most one count, in < 1e-4 of the pixels.
+        flipped = diff > 1e-5 / preset.exposure_time
+        assert flipped.mean() < 1e-4
+        np.testing.assert_allclose(diff[flipped], 1.0 / preset.exposure_time, rtol=1e-3)
 
 
 def test_superres_lr_is_mean_pool_of_hr(batches):
