@@ -20,9 +20,11 @@ batch does not depend on how it is chunked or sharded, and classes are balanced.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import math
+import os
 from typing import Any, Callable
 
 import jax
@@ -125,7 +127,16 @@ class Preset:
         """
         domain.check_positive_int("batch_size", batch_size)
         static_label = None if label is None else self.label_index(label)
-        return _sample(self, key, batch_size, static_label, jnp.asarray(start_index, jnp.int32))
+        workers = _host_workers(batch_size, key, start_index)
+        if workers == 1:
+            return _sample(self, key, batch_size, static_label, jnp.asarray(start_index, jnp.int32))
+        # XLA:CPU runs one chunked simulation on about one core; split the batch
+        # over the host's cores (same examples: example i depends only on its index).
+        part = batch_size // workers
+        parts = list(_thread_pool().map(
+            lambda w: _sample(self, key, part, static_label,
+                              jnp.asarray(start_index + w * part, jnp.int32)), range(workers)))
+        return jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 2, 3))
@@ -154,6 +165,28 @@ _NOISE_STREAM = 0x6E6F6973
 # On CPU, images are simulated a few at a time so that every intermediate
 # (B, H, W) array stays in cache; accelerators take the whole batch at once.
 CPU_CHUNK_SIZE = 4
+
+
+def _host_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+@functools.lru_cache(maxsize=None)
+def _thread_pool() -> concurrent.futures.ThreadPoolExecutor:
+    return concurrent.futures.ThreadPoolExecutor(_host_cores(), thread_name_prefix="lensjax-sim")
+
+
+def _host_workers(batch_size: int, key, start_index) -> int:
+    """Threads for an eager CPU call: a divisor of batch_size, each with >= 2 chunks."""
+    if (jax.default_backend() != "cpu" or isinstance(key, jax.core.Tracer)
+            or isinstance(start_index, jax.core.Tracer)
+            or not isinstance(start_index, (int, np.integer))):
+        return 1
+    limit = min(_host_cores(), batch_size // (2 * CPU_CHUNK_SIZE))
+    return max([w for w in range(1, limit + 1) if batch_size % w == 0], default=1)
 
 
 def _chunk_size(batch_size: int) -> int:
