@@ -116,7 +116,7 @@ POISSON_INVERSION_MAX_RATE = 5.0
 
 
 def _inversion_steps(resolution: float) -> int:
-    """CDF steps after which P(X > steps | rate 10) < resolution / 2.
+    """CDF steps after which P(X > steps | the switch rate) < resolution / 2.
 
     Uniforms never come closer to 1 than half their resolution, so more steps
     could not change any draw.
@@ -139,8 +139,8 @@ def poisson_from_uniform(u: Array, rate: Array, z: Array | None = None,
                          resolution: float | None = None) -> Array:
     """Poisson(rate) draws from uniforms u in (0, 1), elementwise; float result.
 
-    rate < 10: exact inversion of the Poisson CDF (unrolled, vectorised).
-    rate >= 10: X = round(rate + sqrt(rate - 5/36) z + (z^2 - 1) / 6), z = Phi^-1(u):
+    rate < 5: exact inversion of the Poisson CDF (unrolled, vectorised).
+    rate >= 5: X = round(rate + sqrt(rate - 5/36) z + (z^2 - 1) / 6), z = Phi^-1(u):
     the Cornish-Fisher quantile with continuity correction, whose mean, variance
     and skewness match Poisson's to O(rate^-1/2) (total variation < 0.01, tested
     against scipy). jax.random.poisson is exact but ~30x slower batched on CPU.

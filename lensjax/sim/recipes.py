@@ -388,10 +388,12 @@ class DeepLenseSimRecipe(Preset):
             self.max_point_masses)
 
         x, y = instrument.pixel_coordinates(self.num_pix, self.pixel_scale, dtype=dtype)
-        terms = [
-            profiles.deflection_sie(x, y, self.main_theta_e, self.lens_e1, self.lens_e2),
-            profiles.deflection_shear(x, y, self.shear_gamma1, self.shear_gamma2),
-        ]
+        # The main lens is the same in every image: evaluate it once, as a constant.
+        with jax.ensure_compile_time_eval():
+            terms = [
+                profiles.deflection_sie(x, y, self.main_theta_e, self.lens_e1, self.lens_e2),
+                profiles.deflection_shear(x, y, self.shear_gamma1, self.shear_gamma2),
+            ]
         _add_point_masses(terms, x, y, masses)
         bx, by = _deflect(x, y, terms)
         surface = light.sersic_ellipse(bx, by, self.source_amplitude, self.source_r_sersic,
