@@ -2,6 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+STAMP_RUN := $(VENV)/.installed-run
 STAMP_TEST := $(VENV)/.installed-test
 STAMP_BENCH := $(VENV)/.installed-bench
 
@@ -10,6 +11,10 @@ STAMP_BENCH := $(VENV)/.installed-bench
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(STAMP_RUN): requirements.txt | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -r requirements.txt
+	touch $@
 
 $(STAMP_TEST): requirements.txt requirements-test.txt | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -r requirements-test.txt
@@ -22,9 +27,9 @@ $(STAMP_BENCH): $(STAMP_TEST) requirements-bench.txt
 test: $(STAMP_TEST)
 	$(BIN)/python -m pytest -q tests
 
-demo: $(STAMP_TEST)
-	$(BIN)/python -m lensjax.sim.gallery --preset common_test --out runs/demo/gallery_common_test.png
-	$(BIN)/python -m lensjax.sim.gallery --preset model_i --out runs/demo/gallery_model_i.png
+demo: $(STAMP_RUN)
+	$(BIN)/python -m lensjax.main --config configs/demo_classifier.py --workdir runs/demo --mode=train_eval
+	$(BIN)/python -m lensjax.sim.gallery --preset model_ii --out runs/demo/gallery_model_ii.png
 
 bench: $(STAMP_BENCH)
 	$(BIN)/python experiments/benchmarks/bench_sim.py

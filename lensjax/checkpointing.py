@@ -1,0 +1,100 @@
+"""orbax checkpoints of a workdir: latest-N for resuming, best-by-metric for reporting.
+
+workdir/checkpoints/<step>       full train state, the newest `keep` kept (async saves)
+workdir/checkpoints_best/<step>  full train state of the best selection metric so far
+
+Restore order on start-up (DESIGN.md): this workdir's latest checkpoint ->
+`config.resume` (another workdir's latest: continue that run) ->
+`config.model_init` (another workdir's best or latest: parameters only, a warm
+start) -> from scratch.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+LATEST_DIR = "checkpoints"
+BEST_DIR = "checkpoints_best"
+
+
+def latest_manager(workdir: str | Path, keep: int = 3, read_only: bool = False
+                   ) -> ocp.CheckpointManager:
+    return ocp.CheckpointManager(
+        Path(workdir).absolute() / LATEST_DIR,
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
+                                             read_only=read_only))
+
+
+def best_manager(workdir: str | Path, metric: str, mode: str = "max", read_only: bool = False
+                 ) -> ocp.CheckpointManager:
+    return ocp.CheckpointManager(
+        Path(workdir).absolute() / BEST_DIR,
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=1, best_fn=lambda metrics: float(metrics[metric]), best_mode=mode,
+            keep_checkpoints_without_metrics=False, create=not read_only, read_only=read_only))
+
+
+def abstract(tree: Any) -> Any:
+    """Shapes, dtypes and shardings of a pytree of arrays (the restore target)."""
+    return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+def restore(manager: ocp.CheckpointManager, target: Any, step: int | None = None) -> Any:
+    """Restore `step` (default latest) into arrays shaped and sharded like `target`."""
+    step = manager.latest_step() if step is None else step
+    return manager.restore(step, args=ocp.args.StandardRestore(abstract(target)))
+
+
+def find_checkpoint(workdir: str | Path, prefer_best: bool) -> tuple[ocp.CheckpointManager, int]:
+    """(manager, step) of a workdir's best (if preferred and present) or latest checkpoint."""
+    workdir = Path(workdir)
+    order = [BEST_DIR, LATEST_DIR] if prefer_best else [LATEST_DIR, BEST_DIR]
+    for name in order:
+        path = workdir.absolute() / name
+        if path.is_dir():
+            manager = ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(
+                read_only=True, create=False))
+            step = manager.latest_step() if name == LATEST_DIR else (
+                manager.best_step() if manager.best_step() is not None else manager.latest_step())
+            if step is not None:
+                return manager, step
+    raise FileNotFoundError(
+        f"no checkpoint in {workdir} (looked for {workdir / BEST_DIR} and {workdir / LATEST_DIR});"
+        f" train first with: python -m lensjax.main --config CONFIG --workdir {workdir}")
+
+
+def warm_start_params(params: Any, source: Any) -> tuple[Any, list[str]]:
+    """Copy every parameter of `source` whose path and shape exist in `params`.
+
+    Both are nested dicts of arrays (e.g. nnx.State.to_pure_dict()); returns the
+    updated tree and the list of copied paths (a head of another shape is skipped).
+    """
+    copied = []
+
+    def walk(dst, src, prefix):
+        if not isinstance(dst, dict):
+            return dst
+        out = {}
+        for key, value in dst.items():
+            path = f"{prefix}/{key}"
+            if isinstance(src, dict) and key in src:
+                if isinstance(value, dict):
+                    out[key] = walk(value, src[key], path)
+                    continue
+                if np.shape(value) == np.shape(src[key]):
+                    out[key] = jax.device_put(np.asarray(src[key]).astype(np.asarray(value).dtype),
+                                              getattr(value, "sharding", None))
+                    copied.append(path)
+                    continue
+            out[key] = value
+        return out
+
+    result = walk(params, source, "")
+    logging.info("warm start: copied %d parameter arrays", len(copied))
+    return result, copied

@@ -1,0 +1,86 @@
+"""Evaluate a trained workdir: restore its best checkpoint, run the task's evaluators,
+write report.json and figures next to it (shared/EVALUATION.md).
+
+    python -m lensjax.evaluate --workdir runs/x [--outdir runs/x/report] [--checkpoint latest]
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import sys
+from pathlib import Path
+
+import jax
+import ml_collections
+
+import lensjax
+from lensjax import checkpointing, parallel, tasks, train
+
+
+def load_config(workdir: str | Path) -> ml_collections.ConfigDict:
+    path = Path(workdir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: is {workdir} a lensjax workdir? "
+                                "Train first with python -m lensjax.main --config ... --workdir ...")
+    return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+def config_hash(config: ml_collections.ConfigDict) -> str:
+    return hashlib.sha256(config.to_json(sort_keys=True).encode()).hexdigest()[:16]
+
+
+def evaluate_workdir(workdir: str | Path, outdir: str | Path | None = None,
+                     checkpoint: str = "best",
+                     config: ml_collections.ConfigDict | None = None) -> dict:
+    """Restore `checkpoint` ("best" or "latest") of a workdir and write its report.
+
+    Returns the report dict, also written to outdir/report.json (default: workdir/report).
+    """
+    workdir = Path(workdir)
+    outdir = Path(outdir) if outdir is not None else workdir / "report"
+    config = load_config(workdir) if config is None else config
+    task = tasks.get_task(config.task)
+    mesh = parallel.make_mesh(config.get("num_devices") or None)
+    tx = train.make_optimizer(config.train)
+    graphdef, state = train.init_state(config, task, tx)
+    shardings = train.state_shardings(state, mesh, config.mesh.get("fsdp_min_size") or None)
+    manager, step = checkpointing.find_checkpoint(workdir, prefer_best=checkpoint == "best")
+    state = checkpointing.restore(manager, jax.device_put(state, shardings), step)
+    predict = train.make_predict(graphdef, task, mesh, use_ema=True)
+    result = task.evaluate(config, lambda batch: predict(state, batch), mesh, outdir)
+    report = {
+        "task": config.task,
+        "model": config.model.name,
+        "checkpoint": {"kind": checkpoint, "step": int(step), "path": str(manager.directory)},
+        "config_hash": config_hash(config),
+        "lensjax_version": lensjax.__version__,
+        **result,
+    }
+    if jax.process_index() == 0:
+        outdir.mkdir(parents=True, exist_ok=True)
+        (outdir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    report["report_path"] = str(outdir / "report.json")
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    parser = argparse.ArgumentParser(description="Evaluate a lensjax workdir")
+    parser.add_argument("--workdir", required=True)
+    parser.add_argument("--outdir", default=None, help="default: WORKDIR/report")
+    parser.add_argument("--checkpoint", choices=("best", "latest"), default="best")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO)
+    report = evaluate_workdir(args.workdir, args.outdir, args.checkpoint)
+    print(json.dumps({k: report[k] for k in ("checkpoint", "data")}, indent=2))
+    metrics = report.get("metrics", {})
+    summary = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+    print(f"metrics: {json.dumps(summary)}")
+    print(f"report: {report['report_path']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
