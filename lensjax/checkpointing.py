@@ -69,6 +69,28 @@ def find_checkpoint(workdir: str | Path, prefer_best: bool) -> tuple[ocp.Checkpo
         f" train first with: python -m lensjax.main --config CONFIG --workdir {workdir}")
 
 
+def read_raw(workdir: str | Path, prefer_best: bool = True) -> tuple[dict, int]:
+    """(nested dict of numpy arrays, step) of a workdir's checkpoint, whatever the
+    device topology it was saved with (for warm starts from other runs)."""
+    manager, step = find_checkpoint(workdir, prefer_best)
+    path = Path(manager.directory) / str(step) / "default"
+    checkpointer = ocp.StandardCheckpointer()
+    tree = checkpointer.metadata(path).item_metadata
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
+    restored = checkpointer.restore(path, target)
+    return _plain(jax.tree.map(np.asarray, restored)), step
+
+
+def _plain(tree: Any) -> Any:
+    """String keys, and nnx Variable records {"value": array} unwrapped to the array."""
+    if isinstance(tree, dict):
+        if set(tree) == {"value"} and not isinstance(tree["value"], dict):
+            return tree["value"]
+        return {str(k): _plain(v) for k, v in tree.items()}
+    return tree
+
+
 def warm_start_params(params: Any, source: Any) -> tuple[Any, list[str]]:
     """Copy every parameter of `source` whose path and shape exist in `params`.
 
@@ -83,18 +105,19 @@ def warm_start_params(params: Any, source: Any) -> tuple[Any, list[str]]:
         out = {}
         for key, value in dst.items():
             path = f"{prefix}/{key}"
-            if isinstance(src, dict) and key in src:
+            if isinstance(src, dict) and str(key) in src:
+                match = src[str(key)]
                 if isinstance(value, dict):
-                    out[key] = walk(value, src[key], path)
+                    out[key] = walk(value, match, path)
                     continue
-                if np.shape(value) == np.shape(src[key]):
-                    out[key] = jax.device_put(np.asarray(src[key]).astype(np.asarray(value).dtype),
+                if np.shape(value) == np.shape(match):
+                    out[key] = jax.device_put(np.asarray(match).astype(np.asarray(value).dtype),
                                               getattr(value, "sharding", None))
                     copied.append(path)
                     continue
             out[key] = value
         return out
 
-    result = walk(params, source, "")
+    result = walk(params, _plain(source), "")
     logging.info("warm start: copied %d parameter arrays", len(copied))
     return result, copied

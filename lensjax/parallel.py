@@ -92,3 +92,16 @@ def global_batch_from_local(local: dict, mesh: jax.sharding.Mesh) -> dict:
     """Host-local numpy shards -> one global jax.Array per entry, sharded on `data`."""
     sharding = batch_sharding(mesh)
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), local)
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """The whole (global) value of an array as numpy, on every process."""
+    if getattr(x, "is_fully_addressable", True):
+        return np.asarray(jax.device_get(x))
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def global_array_from_host(value: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """A global array from a numpy value that every process holds in full."""
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])

@@ -66,7 +66,7 @@ def heldout_iterator(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
         for i in range(num_batches):
             batch = stream.batch(i)
             valid = np.arange(i * batch_size, (i + 1) * batch_size) < num
-            batch["mask"] = jax.device_put(valid, parallel.batch_sharding(mesh))
+            batch["mask"] = parallel.global_array_from_host(valid, parallel.batch_sharding(mesh))
             yield batch
         return
     if data.source == "tfds":

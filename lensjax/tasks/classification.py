@@ -17,7 +17,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from lensjax import models
+from lensjax import models, parallel
 from lensjax.data import pipeline
 
 AUX_METRICS = ("accuracy",)
@@ -50,9 +50,9 @@ def collect(config, predict_fn, mesh, split: str) -> tuple[np.ndarray, np.ndarra
     probs, labels = [], []
     for batch in pipeline.heldout_iterator(config, mesh, split):
         out = predict_fn(batch)
-        mask = np.asarray(jax.device_get(batch["mask"]))
-        probs.append(np.asarray(jax.device_get(out["probs"]))[mask])
-        labels.append(np.asarray(jax.device_get(batch["label"]))[mask])
+        mask = parallel.to_host(batch["mask"])
+        probs.append(parallel.to_host(out["probs"])[mask])
+        labels.append(parallel.to_host(batch["label"])[mask])
     return np.concatenate(probs), np.concatenate(labels)
 
 
@@ -61,7 +61,7 @@ def selection_metrics(config, predict_fn, mesh) -> dict:
     from lensjax.metrics import roc
     probs, labels = collect(config, predict_fn, mesh, "selection")
     report = roc.classification_report(probs, labels, pipeline.class_names(config))
-    return {"macro_auc": float(report["macro_auc"]), "accuracy": float(report["accuracy"])}
+    return {"macro_auc": float(report["auc_macro"]), "accuracy": float(report["accuracy"])}
 
 
 def evaluate(config, predict_fn, mesh, outdir: str | Path) -> dict:

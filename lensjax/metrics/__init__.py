@@ -1,0 +1,1 @@
+"""Framework-free evaluation maths (numpy only): ROC/AUC, FID, image quality."""

@@ -1,0 +1,293 @@
+"""The one training loop: mesh, sharded jit step, orbax checkpoints, clu metrics.
+
+    from lensjax import train
+    train.train_and_evaluate(config, workdir)
+
+A task (lensjax.tasks.<name>) supplies `create_model(config, rngs)`,
+`loss_fn(model, batch, rng) -> (loss, aux)` and `selection_metrics(config,
+predict, mesh) -> dict`; this module is written once and serves every task.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from clu import metric_writers, metrics, periodic_actions
+from flax import nnx
+
+from lensjax import checkpointing, parallel, tasks
+from lensjax.data import pipeline
+
+TrainState = dict[str, Any]
+
+# Test hook: SIGKILL the process right after the checkpoint of this step is written.
+_KILL_AFTER_STEP = int(os.environ.get("LENSJAX_TEST_KILL_AFTER_STEP", "-1"))
+
+
+def _train_metrics_class(aux_names: tuple[str, ...]):
+    fields = {"loss": metrics.Average.from_output("loss")}
+    fields.update({name: metrics.Average.from_output(name) for name in aux_names})
+    return metrics.Collection.create(**fields)
+
+
+# ----------------------------------------------------------------------------
+# Optimiser
+# ----------------------------------------------------------------------------
+
+def make_optimizer(train: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """AdamW with linear warmup and cosine decay (to `final_lr_fraction` of the peak)."""
+    warmup = min(train.warmup_steps, max(train.steps - 1, 0))
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=train.learning_rate, warmup_steps=warmup,
+        decay_steps=max(train.steps, warmup + 1),
+        end_value=train.learning_rate * train.get("final_lr_fraction", 0.0))
+    parts = []
+    if train.get("grad_clip_norm"):
+        parts.append(optax.clip_by_global_norm(train.grad_clip_norm))
+    parts.append(optax.adamw(schedule, weight_decay=train.weight_decay))
+    return optax.chain(*parts)
+
+
+# ----------------------------------------------------------------------------
+# State and step
+# ----------------------------------------------------------------------------
+
+def init_state(config: ml_collections.ConfigDict, task, tx) -> tuple[nnx.GraphDef, TrainState]:
+    """Model graph definition and the initial train state (host arrays)."""
+    model = task.create_model(config, nnx.Rngs(config.seed))
+    graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
+    state = {"step": jnp.zeros((), jnp.int32), "params": params, "model_state": model_state,
+             "opt_state": tx.init(params)}
+    if config.train.get("ema_decay", 0.0):
+        state["ema_params"] = jax.tree.map(jnp.copy, params)
+    return graphdef, state
+
+
+def make_train_step(graphdef, task, tx, config, metrics_class) -> Callable:
+    """The pure step: (state, batch, rng) -> (state, metrics)."""
+    ema_decay = float(config.train.get("ema_decay", 0.0))
+
+    def train_step(state: TrainState, batch: dict, rng: jax.Array):
+        model = nnx.merge(graphdef, state["params"], state["model_state"])
+        model.train()
+
+        def loss(model):
+            return task.loss_fn(model, batch, rng)
+
+        (loss_value, aux), grads = nnx.value_and_grad(loss, has_aux=True)(model)
+        params = nnx.state(model, nnx.Param)
+        updates, opt_state = tx.update(grads, state["opt_state"], params)
+        params = optax.apply_updates(params, updates)
+        new_state = {"step": state["step"] + 1, "params": params,
+                     "model_state": nnx.state(model, nnx.Not(nnx.Param)),
+                     "opt_state": opt_state}
+        if "ema_params" in state:
+            new_state["ema_params"] = optax.incremental_update(params, state["ema_params"],
+                                                               1.0 - ema_decay)
+        step_metrics = metrics_class.single_from_model_output(
+            loss=loss_value, **{k: aux[k] for k in task.AUX_METRICS})
+        return new_state, step_metrics
+
+    return train_step
+
+
+def state_shardings(state: TrainState, mesh, fsdp_min_size: int | None) -> TrainState:
+    shardings = jax.tree.map(lambda _: parallel.replicated(mesh), state)
+    shardings["params"] = parallel.param_shardings(state["params"], mesh, fsdp_min_size)
+    if "ema_params" in state:
+        shardings["ema_params"] = parallel.param_shardings(state["ema_params"], mesh,
+                                                           fsdp_min_size)
+    return shardings
+
+
+def jit_train_step(train_step, state, mesh, config):
+    shardings = state_shardings(state, mesh, config.mesh.get("fsdp_min_size") or None)
+    return jax.jit(train_step, in_shardings=(shardings, parallel.batch_sharding(mesh),
+                                             parallel.replicated(mesh)),
+                   out_shardings=(shardings, parallel.replicated(mesh)),
+                   donate_argnums=(0,)), shardings
+
+
+def make_predict(graphdef, task, mesh, use_ema: bool):
+    """jitted (state, batch) -> task.predict output, in eval mode."""
+    def predict(state, batch):
+        params = state["ema_params"] if use_ema and "ema_params" in state else state["params"]
+        model = nnx.merge(graphdef, params, state["model_state"])
+        model.eval()
+        return task.predict(model, batch)
+    return jax.jit(predict, out_shardings=parallel.batch_sharding(mesh))
+
+
+# ----------------------------------------------------------------------------
+# Start-up: restore order
+# ----------------------------------------------------------------------------
+
+def restore_or_init(config, workdir: Path, state: TrainState, shardings, latest) -> tuple[TrainState, str]:
+    """Apply DESIGN.md's restore order; returns the state and where it came from."""
+    place = lambda tree: jax.device_put(tree, shardings)  # noqa: E731
+    if latest.latest_step() is not None:
+        return checkpointing.restore(latest, place(state)), f"resumed {workdir} step {latest.latest_step()}"
+    if config.get("resume"):
+        manager, step = checkpointing.find_checkpoint(config.resume, prefer_best=False)
+        return checkpointing.restore(manager, place(state), step), f"resumed from {config.resume} step {step}"
+    state = place(state)
+    if config.get("model_init"):
+        source, step = checkpointing.read_raw(config.model_init, prefer_best=True)
+        src_params = source.get("ema_params", source["params"]) if "params" in source else source
+        pure, copied = checkpointing.warm_start_params(state["params"].to_pure_dict(), src_params)
+        if not copied:
+            raise ValueError(f"config.model_init={config.model_init}: no parameter matched by "
+                             "name and shape; is it a checkpoint of a compatible model?")
+        state["params"].replace_by_pure_dict(pure)
+        state = place(state)
+        return state, f"warm start from {config.model_init} step {step} ({len(copied)} arrays)"
+    return state, "from scratch"
+
+
+# ----------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------
+
+class _Preemption:
+    """SIGTERM (SLURM preemption, Ctrl-C of a launcher) -> save and exit cleanly."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handler)
+        except ValueError:  # not in the main thread
+            self._previous = None
+        return self
+
+    def _handler(self, signum, frame):
+        logging.warning("SIGTERM: saving a checkpoint at the end of this step, then stopping")
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def write_config(config: ml_collections.ConfigDict, workdir: Path) -> None:
+    if jax.process_index() == 0:
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
+    """Train `config.task` for config.train.steps steps in `workdir`; returns final metrics."""
+    workdir = Path(workdir)
+    write_config(config, workdir)
+    task = tasks.get_task(config.task)
+    mesh = parallel.make_mesh(config.get("num_devices") or None)
+    parallel.check_global_batch(config.train.batch_size, mesh)
+    parallel.check_global_batch(config.eval.batch_size, mesh)
+    writer = metric_writers.create_default_writer(
+        str(workdir), just_logging=jax.process_index() > 0, asynchronous=True)
+
+    # --- model, optimiser, state ---------------------------------------------------
+    tx = make_optimizer(config.train)
+    graphdef, state = init_state(config, task, tx)
+    metrics_class = _train_metrics_class(tuple(task.AUX_METRICS))
+    step_fn, shardings = jit_train_step(make_train_step(graphdef, task, tx, config, metrics_class),
+                                        state, mesh, config)
+    latest = checkpointing.latest_manager(workdir, keep=config.train.keep_checkpoints)
+    metric_name, metric_mode = task.SELECTION_METRIC
+    best = checkpointing.best_manager(workdir, metric_name, metric_mode)
+    state, origin = restore_or_init(config, workdir, state, shardings, latest)
+    start_step = int(state["step"])
+    logging.info("train state: %s; %d parameters", origin, sum(
+        int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"])))
+    predict = make_predict(graphdef, task, mesh, use_ema=True)
+
+    # --- data and hooks ---------------------------------------------------------------
+    batches = pipeline.train_iterator(config, mesh, start_step)
+    root_rng = jax.random.key(config.seed)
+    total = config.train.steps
+    hooks = [periodic_actions.ReportProgress(num_train_steps=total, writer=writer,
+                                             every_steps=config.train.log_every)]
+    train_metrics = None
+    final: dict = {}
+    last_save = start_step
+
+    def save(step: int, selection: dict | None = None):
+        nonlocal last_save
+        latest.save(step, args=checkpointing.ocp.args.StandardSave(state), force=True)
+        if selection is not None:
+            best.save(step, args=checkpointing.ocp.args.StandardSave(state),
+                      metrics={k: float(v) for k, v in selection.items()}, force=True)
+        last_save = step
+
+    def check_finite(computed: dict, step: int):
+        bad = {k: v for k, v in computed.items() if not np.isfinite(v)}
+        if bad:
+            latest.wait_until_finished()
+            raise FloatingPointError(
+                f"non-finite training metrics {bad} by step {step}; stopped without saving, the "
+                f"last good checkpoint is step {latest.latest_step()} in {workdir / 'checkpoints'}. "
+                "Lower --config.train.learning_rate or set --config.train.grad_clip_norm.")
+
+    params_finite = jax.jit(lambda tree: jnp.all(jnp.stack(
+        [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)])))
+
+    with _Preemption() as preemption:
+        step = start_step
+        while step < total:
+            # --- one training step ----------------------------------------------------
+            batch = next(batches)
+            rng = jax.random.fold_in(root_rng, step)
+            state, step_metrics = step_fn(state, batch, rng)
+            train_metrics = step_metrics if train_metrics is None else train_metrics.merge(step_metrics)
+            step += 1
+            for hook in hooks:
+                hook(step)
+
+            # --- logging, selection, checkpoints -------------------------------------------
+            is_last = step == total
+            if step % config.train.log_every == 0 or is_last or preemption.requested:
+                computed = {f"train_{k}": float(v) for k, v in train_metrics.compute().items()}
+                check_finite(computed, step)
+                writer.write_scalars(step, computed)
+                final.update(computed)
+                train_metrics = None
+            selection = None
+            will_save = (step % config.train.eval_every == 0 or is_last or preemption.requested
+                         or step % config.train.checkpoint_every == 0)
+            if will_save and not bool(params_finite(state["params"])):
+                check_finite({"parameters": float("nan")}, step)
+            if step % config.train.eval_every == 0 or is_last:
+                with jax.profiler.TraceAnnotation("selection"):
+                    selection = task.selection_metrics(config, lambda b: predict(state, b), mesh)
+                writer.write_scalars(step, {f"selection_{k}": v for k, v in selection.items()})
+                final.update({f"selection_{k}": v for k, v in selection.items()})
+            if (selection is not None or step % config.train.checkpoint_every == 0 or is_last
+                    or preemption.requested):
+                if train_metrics is not None:  # never save over an unchecked NaN
+                    check_finite({k: float(v) for k, v in train_metrics.compute().items()}, step)
+                save(step, selection)
+            if step == _KILL_AFTER_STEP:  # tests: a hard kill once this step is on disk
+                latest.wait_until_finished()
+                os.kill(os.getpid(), signal.SIGKILL)
+            if preemption.requested:
+                logging.warning("stopped at step %d after SIGTERM; rerun the same command to resume",
+                                step)
+                break
+    latest.wait_until_finished()
+    best.wait_until_finished()
+    writer.flush()
+    final["step"] = step
+    return final

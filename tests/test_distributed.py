@@ -1,0 +1,61 @@
+"""Two jax.distributed processes on localhost (gloo CPU collectives, 4 devices each)
+train 3 steps and match one process with 8 devices; only process 0 writes logs."""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from lensjax import checkpointing
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "configs" / "common_resnet18.py"
+FLAGS = [f"--config={CONFIG}:runlocal=True", "--config.data.preset=model_ii",
+         "--config.model.kwargs.image_size=64", "--config.train.steps=3",
+         "--config.train.eval_every=100"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def _env(devices: int, **extra) -> dict:
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    env.update(extra)
+    return env
+
+
+def _params(workdir):
+    manager, step = checkpointing.find_checkpoint(workdir, prefer_best=False)
+    assert step == 3
+    return manager.restore(step)["params"]
+
+
+def test_two_processes_match_one(tmp_path):
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    cmd = [sys.executable, "-m", "lensjax.main"]
+    one = subprocess.run(cmd + [f"--workdir={single}"] + FLAGS, cwd=REPO, env=_env(8),
+                         capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-4000:]
+    port = _free_port()
+    procs = [subprocess.Popen(cmd + [f"--workdir={multi}"] + FLAGS, cwd=REPO,
+                              env=_env(4, JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
+                                       JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i)),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    for p, (out, err) in zip(procs, outputs):
+        assert p.returncode == 0, err[-4000:]
+    a, b = _params(single), _params(multi)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y),
+                                                         rtol=1e-4, atol=1e-5), a, b)
+    # Only process 0 writes TensorBoard events.
+    events = list(multi.glob("events.out.tfevents.*"))
+    assert len(events) == 1, events
