@@ -4,7 +4,7 @@ Times one jitted ResNet-18 training-step gradient (forward + backward, BatchNorm
 in training mode, softmax cross-entropy) per `conv_impl`, with identical
 parameters, and prints ms per step (median of `--repeats`, after compilation).
 `--layers` times single 3x3 / 1x1 / stem convolutions instead (the per-layer
-evidence for the "auto" rule in lensjax/models/resnet.py).
+evidence for the "auto" rule in lensjax/models/layers.py).
 
     python experiments/benchmarks/bench_conv.py                     # network table
     python experiments/benchmarks/bench_conv.py --layers            # per-layer table
@@ -14,7 +14,7 @@ Result on the 2-core development CPU (jax 0.10.2, batch 32, ms per fwd+bwd):
 
     width  image  stem        xla   patches     auto
        16     64  small       ...
-(filled in below by the run recorded in the module docstring of resnet.py)
+(filled in below by the run recorded in the module docstring of layers.py)
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ from flax import nnx
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
 from lensjax.models import get_model  # noqa: E402
-from lensjax.models import resnet  # noqa: E402
-from lensjax.models.resnet import (CONV_IMPLS, choose_conv_impl, conv_patches,  # noqa: E402
+from lensjax.models import layers  # noqa: E402
+from lensjax.models.layers import (CONV_IMPLS, choose_conv_impl, conv_patches,  # noqa: E402
                                    conv_xla, set_conv_impl)
 
 
@@ -120,18 +120,18 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--impls", nargs="+", default=list(CONV_IMPLS), choices=CONV_IMPLS)
     parser.add_argument("--layers", action="store_true", help="time single convolutions instead")
     parser.add_argument("--auto-min-channels", type=int, default=None,
-                        help="override resnet.PATCHES_MIN_CHANNELS (the CPU rule of 'auto')")
+                        help="override layers.PATCHES_MIN_CHANNELS (the CPU rule of 'auto')")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.auto_min_channels is not None:
-        resnet.PATCHES_MIN_CHANNELS = args.auto_min_channels
+        layers.PATCHES_MIN_CHANNELS = args.auto_min_channels
     print(f"# jax {jax.__version__}, backend {jax.default_backend()}, {jax.devices()[0].device_kind}, "
           f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}; "
           f"batch {args.batch_size}, best of {args.repeats} interleaved runs; "
-          f"auto: patches on CPU when cin >= {resnet.PATCHES_MIN_CHANNELS}, 1x1 or cin == 1")
+          f"auto: patches on CPU when cin >= {layers.PATCHES_MIN_CHANNELS}, 1x1 or cin == 1")
     if args.layers:
         print("# ms per jitted fwd+bwd of one SAME convolution (patches = slices + matmul)")
         print(f"{'input':>9} {'cin':>5} {'cout':>5} {'kernel':>6} {'stride':>6} "

@@ -2,8 +2,9 @@
 
     model = get_model("resnet18", num_classes=3, rngs=nnx.Rngs(0), width=16)
 
-A builder is any callable ``builder(*, num_classes, rngs, **kwargs) -> nnx.Module``
-registered with ``@register(name)``. Model modules register themselves on import;
+A builder is any callable ``builder(*, rngs, **kwargs) -> nnx.Module`` registered
+with ``@register(name)``; classifiers take ``num_classes``, other models (UNet,
+MAE) take what they need. Model modules register themselves on import;
 the imports at the bottom of this file make every built-in model available.
 This package never imports TensorFlow.
 """
@@ -21,7 +22,7 @@ MODELS: dict[str, Builder] = {}
 
 
 def register(name: str) -> Callable[[Builder], Builder]:
-    """Decorator: register `builder(*, num_classes, rngs, **kwargs)` under `name`."""
+    """Decorator: register `builder(*, rngs, **kwargs)` under `name`."""
 
     def decorator(builder: Builder) -> Builder:
         if name in MODELS and MODELS[name] is not builder:
@@ -32,11 +33,11 @@ def register(name: str) -> Callable[[Builder], Builder]:
     return decorator
 
 
-def get_model(name: str, *, num_classes: int, rngs: nnx.Rngs, **kwargs: Any) -> nnx.Module:
-    """Build the registered model `name` with `num_classes` outputs, initialised from `rngs`."""
+def get_model(name: str, *, rngs: nnx.Rngs, **kwargs: Any) -> nnx.Module:
+    """Build the registered model `name` with `kwargs` (e.g. num_classes), initialised from `rngs`."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; valid names: {', '.join(sorted(MODELS))}")
-    return MODELS[name](num_classes=num_classes, rngs=rngs, **kwargs)
+    return MODELS[name](rngs=rngs, **kwargs)
 
 
 # Built-in models register themselves on import; keep these imports last, since

@@ -20,7 +20,7 @@ import pytest
 from flax import nnx
 
 from lensjax.models import MODELS, get_model, register
-from lensjax.models import resnet
+from lensjax.models import layers, resnet
 
 TINY = dict(width=8)
 
@@ -124,10 +124,10 @@ def test_patches_conv_matches_xla_conv(kernel_size, strides, size, cin, cout):
     x = jax.random.normal(key_x, (3, size, size, cin))
     kernel = jax.random.normal(key_w, (kernel_size, kernel_size, cin, cout)) / np.sqrt(
         kernel_size * kernel_size * cin)
-    expected = resnet.conv_xla(x, kernel, (strides, strides))
+    expected = layers.conv_xla(x, kernel, (strides, strides))
     out_size = -(-size // strides)
     assert expected.shape == (3, out_size, out_size, cout)
-    _assert_close_to_scale(resnet.conv_patches(x, kernel, (strides, strides)), expected)
+    _assert_close_to_scale(layers.conv_patches(x, kernel, (strides, strides)), expected)
 
 
 def test_conv_module_equals_nnx_conv_for_both_impls():
@@ -135,20 +135,20 @@ def test_conv_module_equals_nnx_conv_for_both_impls():
     reference.bias[...] = jax.random.normal(jax.random.key(3), (10,))
     x = _images(2, 11, channels=6)
     for impl in ("xla", "patches", "auto"):
-        conv = resnet.Conv(6, 10, 3, 2, use_bias=True, conv_impl=impl, rngs=nnx.Rngs(0))
+        conv = layers.Conv(6, 10, 3, 2, use_bias=True, conv_impl=impl, rngs=nnx.Rngs(0))
         conv.kernel[...] = reference.kernel[...]
         conv.bias[...] = reference.bias[...]
         _assert_close_to_scale(conv(x), reference(x))
 
 
 def test_choose_conv_impl_rule():
-    assert resnet.choose_conv_impl((3, 3), 512, backend="gpu") == "xla"
-    assert resnet.choose_conv_impl((3, 3), 512, backend="tpu") == "xla"
-    assert resnet.choose_conv_impl((3, 3), 512, backend="cpu") == "patches"
-    assert resnet.choose_conv_impl((3, 3), 32, backend="cpu") == "patches"
-    assert resnet.choose_conv_impl((3, 3), 16, backend="cpu") == "xla"
-    assert resnet.choose_conv_impl((1, 1), 16, backend="cpu") == "patches"
-    assert resnet.choose_conv_impl((7, 7), 1, backend="cpu") == "patches"
+    assert layers.choose_conv_impl((3, 3), 512, backend="gpu") == "xla"
+    assert layers.choose_conv_impl((3, 3), 512, backend="tpu") == "xla"
+    assert layers.choose_conv_impl((3, 3), 512, backend="cpu") == "patches"
+    assert layers.choose_conv_impl((3, 3), 32, backend="cpu") == "patches"
+    assert layers.choose_conv_impl((3, 3), 16, backend="cpu") == "xla"
+    assert layers.choose_conv_impl((1, 1), 16, backend="cpu") == "patches"
+    assert layers.choose_conv_impl((7, 7), 1, backend="cpu") == "patches"
 
 
 @pytest.mark.parametrize("name, size", [("resnet18", 32), ("resnet50", 150)])
@@ -160,7 +160,7 @@ def test_network_is_the_same_function_under_both_conv_impls(name, size):
     for train in (True, False):
         model.train() if train else model.eval()
         for impl in ("xla", "patches"):
-            resnet.set_conv_impl(model, impl)
+            layers.set_conv_impl(model, impl)
             outputs[impl, train] = forward(*nnx.split(model), x)
         _assert_close_to_scale(outputs["patches", train], outputs["xla", train], tol=1e-4)
 

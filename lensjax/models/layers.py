@@ -1,0 +1,161 @@
+"""Layers shared by lensjax's convolutional networks (ResNet, UNet).
+
+Convolution implementation (`conv_impl`)
+----------------------------------------
+XLA:CPU convolutions are very uneven: some shapes are fast, others are 10-60x
+slower than the same maths written as a matmul (e.g. fwd+bwd of a 3x3 conv on a
+32x2x2x512 input: 800 ms as a convolution, 13 ms as a matmul). `Conv` therefore
+offers three implementations of one function (same kernel (kh, kw, cin, cout),
+SAME padding, same strides):
+
+  "xla"      `lax.conv_general_dilated`, as `nnx.Conv`.
+  "patches"  im2col by kh*kw explicit strided slices of the padded input,
+             concatenated in (kh, kw, cin) order, then one matmul with the kernel
+             reshaped to (kh*kw*cin, cout). (`lax.conv_general_dilated_patches`
+             was measured too; it is itself a convolution and was 3-10x slower
+             than "xla" on CPU, so it is not used.)
+  "auto"     decided per layer at trace time by `choose_conv_impl`: "xla" on
+             GPU/TPU; on CPU "patches" unless the kernel is spatial (kh*kw > 1)
+             and 1 < cin < 32, where "xla" is used.
+
+Evidence for the CPU rule (2-core CPU, jax 0.10.2, batch 32, jitted fwd+bwd of
+one conv, ms; "patches" = slices + matmul):
+
+  3x3 stride 1      input      xla  patches     1x1 / stem          xla  patches
+  64x64   cin=8                 13      43      1x1  64x64 16->64   176     27
+  32x32   cin=16                 8      20      1x1  64x64 64->16   118     24
+  75x75   cin=16                49     119      1x1 s2 32x32 64->128 16      5
+  64x64   cin=24               122     152      3x3 64x64 1->64     128     17
+  64x64   cin=32               233     200      7x7 s2 150x150 1->64 265    88
+  16x16   cin=32                 9       6
+  64x64   cin=64              1321     486
+  38x38   cin=64               796     189
+  16x16   cin=256              299     255
+  2x2     cin=512              800      13
+
+So the deciding quantity on this CPU is the input channel count, not the
+spatial size: narrow spatial convolutions (cin 2..31) are the only ones where
+XLA's convolution wins; 1x1 convs (pure matmuls), the single-channel stem and
+everything with cin >= 32 are faster as patches. Whole-network timings
+(experiments/benchmarks/bench_conv.py, ResNet-18 train step fwd+bwd, batch 32):
+see the table in that script's docstring; "auto" is the fastest or within noise
+of the fastest in every case measured.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax import lax
+
+Array = jax.Array
+
+CONV_IMPLS = ("xla", "patches", "auto")
+# Smallest input-channel count at which im2col + matmul beats XLA:CPU for a
+# spatial (kh*kw > 1) kernel; see the module docstring.
+PATCHES_MIN_CHANNELS = 32
+
+he_normal = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def choose_conv_impl(kernel_size: Sequence[int], in_features: int,
+                     backend: str | None = None) -> str:
+    """The implementation "auto" resolves to: "xla" off CPU; on CPU see the module docstring."""
+    backend = jax.default_backend() if backend is None else backend
+    if backend != "cpu":
+        return "xla"
+    kh, kw = kernel_size
+    if kh * kw == 1 or in_features == 1 or in_features >= PATCHES_MIN_CHANNELS:
+        return "patches"
+    return "xla"
+
+
+def _same_padding(size: int, kernel: int, stride: int) -> tuple[tuple[int, int], int]:
+    """(low, high) padding and output size of TensorFlow/XLA "SAME" padding along one axis."""
+    out = -(-size // stride)
+    total = max((out - 1) * stride + kernel - size, 0)
+    return (total // 2, total - total // 2), out
+
+
+def conv_patches(x: Array, kernel: Array, strides: Sequence[int]) -> Array:
+    """SAME convolution as im2col + matmul: x (B, H, W, cin), kernel (kh, kw, cin, cout) -> (B, Ho, Wo, cout)."""
+    kh, kw, cin, cout = kernel.shape
+    batch, height, width, channels = x.shape
+    if channels != cin:
+        raise ValueError(f"input has {channels} channels but the kernel expects {cin}")
+    sh, sw = strides
+    pad_h, out_h = _same_padding(height, kh, sh)
+    pad_w, out_w = _same_padding(width, kw, sw)
+    if any(pad_h + pad_w):
+        x = jnp.pad(x, ((0, 0), pad_h, pad_w, (0, 0)))
+    # One strided slice per kernel tap; concatenating them in (kh, kw, cin) order
+    # matches kernel.reshape(kh * kw * cin, cout).
+    taps = [lax.slice(x, (0, i, j, 0), (batch, i + (out_h - 1) * sh + 1, j + (out_w - 1) * sw + 1, cin),
+                      (1, sh, sw, 1))
+            for i in range(kh) for j in range(kw)]
+    patches = taps[0] if len(taps) == 1 else jnp.concatenate(taps, axis=-1)
+    out = patches.reshape(-1, kh * kw * cin) @ kernel.reshape(kh * kw * cin, cout)
+    return out.reshape(batch, out_h, out_w, cout)
+
+
+def conv_xla(x: Array, kernel: Array, strides: Sequence[int]) -> Array:
+    """SAME convolution with lax.conv_general_dilated (what nnx.Conv computes)."""
+    return lax.conv_general_dilated(x, kernel, tuple(strides), "SAME",
+                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+class Conv(nnx.Module):
+    """2-D SAME convolution, NHWC, with a selectable implementation (see module docstring).
+
+    Parameters match `nnx.Conv`: `kernel` (kh, kw, cin, cout) and optional `bias` (cout,).
+    """
+
+    def __init__(self, in_features: int, out_features: int, kernel_size: int | Sequence[int],
+                 strides: int | Sequence[int] = 1, *, use_bias: bool = False,
+                 conv_impl: str = "auto", dtype: Any = jnp.float32,
+                 param_dtype: Any = jnp.float32, kernel_init: Any = he_normal,
+                 rngs: nnx.Rngs):
+        if conv_impl not in CONV_IMPLS:
+            raise ValueError(f"conv_impl must be one of {CONV_IMPLS}, got {conv_impl!r}")
+        self.kernel_size = ((kernel_size, kernel_size) if isinstance(kernel_size, int)
+                            else tuple(kernel_size))
+        self.strides = (strides, strides) if isinstance(strides, int) else tuple(strides)
+        self.in_features = in_features
+        self.out_features = out_features
+        self.conv_impl = conv_impl
+        self.dtype = dtype
+        shape = (*self.kernel_size, in_features, out_features)
+        self.kernel = nnx.Param(kernel_init(rngs.params(), shape, param_dtype))
+        self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype)) if use_bias else None
+
+    def resolved_impl(self) -> str:
+        """"xla" or "patches": what this layer runs on the current default backend."""
+        if self.conv_impl == "auto":
+            return choose_conv_impl(self.kernel_size, self.in_features)
+        return self.conv_impl
+
+    def __call__(self, x: Array) -> Array:
+        """x (B, H, W, in_features) -> (B, ceil(H/sh), ceil(W/sw), out_features) in `dtype`."""
+        x = x.astype(self.dtype)
+        kernel = self.kernel[...].astype(self.dtype)
+        if self.resolved_impl() == "patches":
+            y = conv_patches(x, kernel, self.strides)
+        else:
+            y = conv_xla(x, kernel, self.strides)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+def set_conv_impl(model: nnx.Module, conv_impl: str) -> nnx.Module:
+    """Switch every `Conv` inside `model` to `conv_impl` in place (parameters unchanged); returns model."""
+    if conv_impl not in CONV_IMPLS:
+        raise ValueError(f"conv_impl must be one of {CONV_IMPLS}, got {conv_impl!r}")
+    for _, module in nnx.iter_modules(model):
+        if isinstance(module, Conv):
+            module.conv_impl = conv_impl
+    return model
