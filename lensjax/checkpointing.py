@@ -94,7 +94,7 @@ def _plain(tree: Any) -> Any:
 def warm_start_params(params: Any, source: Any) -> tuple[Any, list[str]]:
     """Copy every parameter of `source` whose path and shape exist in `params`.
 
-    Both are nested dicts of arrays (e.g. nnx.State.to_pure_dict()); returns the
+    Both are nested dicts of arrays (e.g. nnx.to_pure_dict(state)); returns the
     updated tree and the list of copied paths (a head of another shape is skipped).
     """
     copied = []

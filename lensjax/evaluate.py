@@ -43,8 +43,7 @@ def evaluate_workdir(workdir: str | Path, outdir: str | Path | None = None,
     config = load_config(workdir) if config is None else config
     task = tasks.get_task(config.task)
     mesh = parallel.make_mesh(config.get("num_devices") or None)
-    tx = train.make_optimizer(config.train)
-    graphdef, state = train.init_state(config, task, tx)
+    graphdef, state, _ = train.init_state(config, task)
     shardings = train.state_shardings(state, mesh, config.mesh.get("fsdp_min_size") or None)
     manager, step = checkpointing.find_checkpoint(workdir, prefer_best=checkpoint == "best")
     state = checkpointing.restore(manager, jax.device_put(state, shardings), step)

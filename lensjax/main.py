@@ -26,8 +26,16 @@ flags.DEFINE_bool("multihost", None, "Call jax.distributed.initialize() (default
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def _quiet_orbax() -> None:
+    """orbax logs every manager and save at INFO; keep its warnings, drop the rest."""
+    handler = logging.get_absl_handler()
+    handler.addFilter(lambda record: record.levelno >= logging.WARNING or
+                      "orbax" not in record.pathname)
+
+
 def main(argv):
     del argv
+    _quiet_orbax()
     parallel.initialize_distributed(FLAGS.multihost)
     import jax
     jax.config.update("jax_threefry_partitionable", True)

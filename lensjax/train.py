@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -45,17 +46,81 @@ def _train_metrics_class(aux_names: tuple[str, ...]):
 # Optimiser
 # ----------------------------------------------------------------------------
 
-def make_optimizer(train: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    """AdamW with linear warmup and cosine decay (to `final_lr_fraction` of the peak)."""
+def learning_rate_schedule(train: ml_collections.ConfigDict) -> optax.Schedule:
+    """Linear warmup from 0, then cosine decay to `final_lr_fraction` of the peak."""
     warmup = min(train.warmup_steps, max(train.steps - 1, 0))
-    schedule = optax.warmup_cosine_decay_schedule(
+    return optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=train.learning_rate, warmup_steps=warmup,
         decay_steps=max(train.steps, warmup + 1),
         end_value=train.learning_rate * train.get("final_lr_fraction", 0.0))
+
+
+def _path_name(path) -> str:
+    """"blocks/0/conv1/kernel" for a pytree path into an nnx.State of parameters."""
+    parts = [str(getattr(k, "key", getattr(k, "idx", k))) for k in path]
+    return "/".join(p for p in parts if p != ".value")
+
+
+def parameter_groups(params, train: ml_collections.ConfigDict, model: nnx.Module | None
+                     ) -> tuple[Any, dict[str, float]]:
+    """Label every parameter with its optimiser group; returns (labels, group -> LR scale).
+
+    Groups: "frozen" (paths matching `train.frozen`, a regex: never updated, as in a
+    linear probe), and with `train.layer_decay` = d in (0, 1) one group per layer
+    `layer<i>` scaled by d ** (num_layers - i) (layer ids from `model.layer_id(path)`,
+    which models supporting it define; the head is the last layer, so it keeps the
+    full rate). Everything else is "default" (scale 1).
+    """
+    pattern = re.compile(train.frozen) if train.get("frozen") else None
+    decay = float(train.get("layer_decay") or 0.0)
+    if decay and not hasattr(model, "layer_id"):
+        raise ValueError(f"config.train.layer_decay={decay} needs a model with layer ids "
+                         f"(e.g. a ViT); {type(model).__name__} has none. Set it to 0.")
+    if decay and not 0.0 < decay < 1.0:
+        raise ValueError(f"config.train.layer_decay must be in (0, 1), got {decay}")
+    scales = {"default": 1.0, "frozen": 0.0}
+
+    def label(path, _):
+        name = _path_name(path)
+        if pattern is not None and pattern.search(name):
+            return "frozen"
+        if decay:
+            layer = int(model.layer_id(name))
+            scales[f"layer{layer}"] = decay ** (model.num_layers - layer)
+            return f"layer{layer}"
+        return "default"
+
+    labels = jax.tree_util.tree_map_with_path(label, params)
+    if pattern is not None and "frozen" not in jax.tree.leaves(labels):
+        raise ValueError(f"config.train.frozen={train.frozen!r} matches no parameter; "
+                         f"paths look like {_path_name(jax.tree_util.tree_flatten_with_path(params)[0][0][0])!r}")
+    return labels, scales
+
+
+def make_optimizer(train: ml_collections.ConfigDict, params=None,
+                   model: nnx.Module | None = None) -> optax.GradientTransformation:
+    """AdamW with warmup + cosine decay, gradient clipping, per-group LR scales.
+
+    Weight decay applies to matrices and kernels only (ndim >= 2), not to biases,
+    norms or embeddings of rank 1, as is standard for both ResNets and ViTs.
+    """
+    schedule = learning_rate_schedule(train)
+
+    def adamw(scale: float) -> optax.GradientTransformation:
+        return optax.adamw(lambda step: scale * schedule(step), weight_decay=train.weight_decay,
+                           mask=lambda tree: jax.tree.map(lambda x: np.ndim(x) >= 2, tree))
+
+    if params is None or (not train.get("frozen") and not train.get("layer_decay")):
+        inner = adamw(1.0)
+    else:
+        labels, scales = parameter_groups(params, train, model)
+        transforms = {name: optax.set_to_zero() if scale == 0.0 else adamw(scale)
+                      for name, scale in scales.items()}
+        inner = optax.multi_transform(transforms, labels)
     parts = []
     if train.get("grad_clip_norm"):
         parts.append(optax.clip_by_global_norm(train.grad_clip_norm))
-    parts.append(optax.adamw(schedule, weight_decay=train.weight_decay))
+    parts.append(inner)
     return optax.chain(*parts)
 
 
@@ -63,15 +128,19 @@ def make_optimizer(train: ml_collections.ConfigDict) -> optax.GradientTransforma
 # State and step
 # ----------------------------------------------------------------------------
 
-def init_state(config: ml_collections.ConfigDict, task, tx) -> tuple[nnx.GraphDef, TrainState]:
-    """Model graph definition and the initial train state (host arrays)."""
+def init_state(config: ml_collections.ConfigDict, task, tx=None
+               ) -> tuple[nnx.GraphDef, TrainState, optax.GradientTransformation]:
+    """Model graph definition, the initial train state (host arrays) and the optimiser
+    (built from the config unless `tx` is given)."""
     model = task.create_model(config, nnx.Rngs(config.seed))
     graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
+    if tx is None:
+        tx = make_optimizer(config.train, params, model)
     state = {"step": jnp.zeros((), jnp.int32), "params": params, "model_state": model_state,
              "opt_state": tx.init(params)}
     if config.train.get("ema_decay", 0.0):
         state["ema_params"] = jax.tree.map(jnp.copy, params)
-    return graphdef, state
+    return graphdef, state, tx
 
 
 def make_train_step(graphdef, task, tx, config, metrics_class) -> Callable:
@@ -133,6 +202,21 @@ def make_predict(graphdef, task, mesh, use_ema: bool):
 # Start-up: restore order
 # ----------------------------------------------------------------------------
 
+def check_same_normalization(config: ml_collections.ConfigDict, source_workdir: str | Path) -> None:
+    """A warm start must see images scaled exactly as the source run saw them."""
+    path = Path(source_workdir) / "config.json"
+    if not path.is_file():
+        return  # a bare checkpoint folder: nothing recorded to compare
+    source = json.loads(path.read_text()).get("data", {})
+    theirs = source.get("normalization", "none")
+    ours = config.data.get("normalization", "none")
+    if theirs != ours:
+        raise ValueError(
+            f"config.model_init={source_workdir} was trained with data.normalization={theirs!r} "
+            f"but this run uses {ours!r}; fine-tuning must normalise images as pretraining "
+            f"did. Fix: --config.data.normalization={theirs}")
+
+
 def restore_or_init(config, workdir: Path, state: TrainState, shardings, latest) -> tuple[TrainState, str]:
     """Apply DESIGN.md's restore order; returns the state and where it came from."""
     place = lambda tree: jax.device_put(tree, shardings)  # noqa: E731
@@ -143,13 +227,14 @@ def restore_or_init(config, workdir: Path, state: TrainState, shardings, latest)
         return checkpointing.restore(manager, place(state), step), f"resumed from {config.resume} step {step}"
     state = place(state)
     if config.get("model_init"):
+        check_same_normalization(config, config.model_init)
         source, step = checkpointing.read_raw(config.model_init, prefer_best=True)
         src_params = source.get("ema_params", source["params"]) if "params" in source else source
-        pure, copied = checkpointing.warm_start_params(state["params"].to_pure_dict(), src_params)
+        pure, copied = checkpointing.warm_start_params(nnx.to_pure_dict(state["params"]), src_params)
         if not copied:
             raise ValueError(f"config.model_init={config.model_init}: no parameter matched by "
                              "name and shape; is it a checkpoint of a compatible model?")
-        state["params"].replace_by_pure_dict(pure)
+        nnx.replace_by_pure_dict(state["params"], pure)
         state = place(state)
         return state, f"warm start from {config.model_init} step {step} ({len(copied)} arrays)"
     return state, "from scratch"
@@ -192,6 +277,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     """Train `config.task` for config.train.steps steps in `workdir`; returns final metrics."""
     workdir = Path(workdir)
     write_config(config, workdir)
+    if jax.process_index() == 0:
+        pipeline.record_split(config, workdir)
     task = tasks.get_task(config.task)
     mesh = parallel.make_mesh(config.get("num_devices") or None)
     parallel.check_global_batch(config.train.batch_size, mesh)
@@ -200,8 +287,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         str(workdir), just_logging=jax.process_index() > 0, asynchronous=True)
 
     # --- model, optimiser, state ---------------------------------------------------
-    tx = make_optimizer(config.train)
-    graphdef, state = init_state(config, task, tx)
+    graphdef, state, tx = init_state(config, task)
     metrics_class = _train_metrics_class(tuple(task.AUX_METRICS))
     step_fn, shardings = jit_train_step(make_train_step(graphdef, task, tx, config, metrics_class),
                                         state, mesh, config)

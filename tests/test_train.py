@@ -48,7 +48,7 @@ def test_sharded_step_matches_single_device_step():
     results = []
     for num_devices in (1, 8):
         mesh = parallel.make_mesh(num_devices)
-        graphdef, state = train.init_state(config, task, tx)
+        graphdef, state, _ = train.init_state(config, task, tx)
         initial = _params(state)
         metrics_class = train._train_metrics_class(task.AUX_METRICS)
         step_fn, shardings = train.jit_train_step(
