@@ -16,7 +16,7 @@ def get_config(arg=None):
     config.task = "classification"
     config.data.preset = "common_test"
     config.data.tfds_name = "deeplense_common_test"
-    config.model = dict(name="resnet18", kwargs=dict(width=arg.width, image_size=150))
+    config.model = dict(name="resnet18", kwargs=dict(width=arg.width, image_size=150, stem="auto"))
     config.train.steps = 20_000
     config.train.batch_size = 128
     if arg.runlocal:

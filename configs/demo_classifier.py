@@ -1,6 +1,9 @@
-"""The `make demo` classifier: ResNet-18 (width 16) on simulated Model II lenses,
-64 x 64 pixels, classes no_sub / cdm / axion, trained on data generated on the fly,
-evaluated on 3,000 held-out simulated images. Sized for a 2-core CPU (~10 minutes).
+"""The `make demo` classifier: ResNet-18 (width 16, ImageNet stem) on simulated Model II
+lenses, 64 x 64 pixels, classes no_sub / cdm / axion, trained for 1,500 steps of 64
+images generated on the fly, evaluated on 3,000 held-out simulated images. Sized for
+a 2-core CPU. The ImageNet stem (7x7 stride 2 + max pool) makes the network 7x
+cheaper than the stride-1 stem at 64 px, and still reaches a held-out macro AUC
+above 0.99 (README, "Results").
 
     python -m lensjax.main --config configs/demo_classifier.py --workdir runs/demo --mode=train_eval
 """
@@ -15,7 +18,7 @@ def get_config(arg=None):
     config.data.preset = "model_ii"
     config.data.heldout_examples = 3000
     config.data.selection_examples = 512
-    config.model = dict(name="resnet18", kwargs=dict(width=16, image_size=64))
+    config.model = dict(name="resnet18", kwargs=dict(width=16, image_size=64, stem="imagenet"))
     config.train.steps = arg.steps
     config.train.batch_size = 64
     config.train.learning_rate = 2e-3

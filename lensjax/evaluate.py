@@ -74,9 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO)
     report = evaluate_workdir(args.workdir, args.outdir, args.checkpoint)
     print(json.dumps({k: report[k] for k in ("checkpoint", "data")}, indent=2))
-    metrics = report.get("metrics", {})
-    summary = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-    print(f"metrics: {json.dumps(summary)}")
+    print(f"{report['task']}, checkpoint step {report['checkpoint']['step']}: {report['headline']}")
     print(f"report: {report['report_path']}")
     return 0
 

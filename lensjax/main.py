@@ -47,8 +47,7 @@ def main(argv):
         logging.info("final training metrics: %s", json.dumps(final))
     if FLAGS.mode in ("eval", "train_eval"):
         report = evaluate.evaluate_workdir(FLAGS.workdir)
-        metrics = {k: v for k, v in report["metrics"].items() if isinstance(v, (int, float))}
-        print(f"held-out metrics ({report['data']}): {json.dumps(metrics)}")
+        print(f"{config.task}, checkpoint step {report['checkpoint']['step']}: {report['headline']}")
         print(f"report: {report['report_path']}")
 
 

@@ -245,13 +245,21 @@ def restore_or_init(config, workdir: Path, state: TrainState, shardings, latest)
 # ----------------------------------------------------------------------------
 
 class _Preemption:
-    """SIGTERM (SLURM preemption, Ctrl-C of a launcher) -> save and exit cleanly."""
+    """SIGTERM (SLURM preemption, a cluster's shutdown notice) -> save and exit cleanly.
+
+    One process: a Python SIGTERM handler sets a flag. Several processes: every
+    process must take the same decision at the same step (the save is collective),
+    so JAX's preemption sync point, which jax.distributed installs, decides.
+    """
 
     def __init__(self):
         self.requested = False
         self._previous = None
+        self._multiprocess = jax.process_count() > 1
 
     def __enter__(self):
+        if self._multiprocess:
+            return self
         try:
             self._previous = signal.signal(signal.SIGTERM, self._handler)
         except ValueError:  # not in the main thread
@@ -261,6 +269,13 @@ class _Preemption:
     def _handler(self, signum, frame):
         logging.warning("SIGTERM: saving a checkpoint at the end of this step, then stopping")
         self.requested = True
+
+    def check(self, step: int) -> bool:
+        """Whether to save and stop after `step` (the same answer on every process)."""
+        if self._multiprocess and not self.requested:
+            from jax.experimental import multihost_utils
+            self.requested = bool(multihost_utils.reached_preemption_sync_point(step))
+        return self.requested
 
     def __exit__(self, *exc):
         if self._previous is not None:
@@ -308,15 +323,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                                              every_steps=config.train.log_every)]
     train_metrics = None
     final: dict = {}
-    last_save = start_step
 
     def save(step: int, selection: dict | None = None):
-        nonlocal last_save
         latest.save(step, args=checkpointing.ocp.args.StandardSave(state), force=True)
         if selection is not None:
             best.save(step, args=checkpointing.ocp.args.StandardSave(state),
                       metrics={k: float(v) for k, v in selection.items()}, force=True)
-        last_save = step
 
     def check_finite(computed: dict, step: int):
         bad = {k: v for k, v in computed.items() if not np.isfinite(v)}
@@ -341,6 +353,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
             step += 1
             for hook in hooks:
                 hook(step)
+            preemption.check(step)
 
             # --- logging, selection, checkpoints -------------------------------------------
             is_last = step == total

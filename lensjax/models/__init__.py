@@ -43,3 +43,7 @@ def get_model(name: str, *, rngs: nnx.Rngs, **kwargs: Any) -> nnx.Module:
 # Built-in models register themselves on import; keep these imports last, since
 # they import `register` from this module.
 from lensjax.models import resnet  # noqa: E402,F401
+from lensjax.models import unet  # noqa: E402,F401
+from lensjax.models import vit  # noqa: E402,F401
+from lensjax.models import mae  # noqa: E402,F401
+from lensjax.models import superres  # noqa: E402,F401

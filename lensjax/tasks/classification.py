@@ -73,7 +73,8 @@ def evaluate(config, predict_fn, mesh, outdir: str | Path) -> dict:
     probs, labels = collect(config, predict_fn, mesh, "heldout")
     report = roc.classification_report(probs, labels, names)
     data = pipeline.describe(config, "heldout")
-    title = f"{config.model.name} on {data.get('preset', data.get('dataset'))}"[:80]
+    source = config.data.preset if config.data.source == "sim" else config.data.tfds_name
+    title = f"{config.model.name} on {source} ({config.data.source})"
     figures = {}
     if jax.process_index() == 0:
         figures["roc"] = str(plots.plot_roc(probs, labels, names, outdir / "roc.png",
@@ -81,7 +82,10 @@ def evaluate(config, predict_fn, mesh, outdir: str | Path) -> dict:
         figures["confusion"] = str(plots.plot_confusion(
             np.asarray(report["confusion_matrix"]), names, outdir / "confusion.png",
             title=f"Confusion matrix ({len(labels)} held-out images)"))
-    return {"metrics": _jsonable(report), "data": data, "figures": figures}
+    headline = (f"macro ROC-AUC {report['auc_macro']:.4f}, micro {report['auc_micro']:.4f}, "
+                f"accuracy {report['accuracy']:.4f} on {len(labels)} held-out images "
+                f"({data['split']})")
+    return {"metrics": _jsonable(report), "data": data, "figures": figures, "headline": headline}
 
 
 def _jsonable(value):
