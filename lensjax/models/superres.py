@@ -44,7 +44,7 @@ from flax import nnx
 from lensjax.metrics.image_quality import bicubic_upsample
 from lensjax.models import register
 from lensjax.models.layers import CONV_IMPLS, Conv
-from lensjax.models.vit import ViTEncoder, resolve_size, xavier_linear
+from lensjax.models.vit import ViTEncoder, resolve_size, vit_layer_id, xavier_linear
 
 Array = jax.Array
 
@@ -120,6 +120,14 @@ class ViTSuperRes(nnx.Module):
         x = self.out(x)
         s, size = self.scale, self.lr_size * self.scale
         return x[:, lo * s:lo * s + size, lo * s:lo * s + size]
+
+    @property
+    def num_layers(self) -> int:
+        """Layers for layer-wise LR decay: embedding, blocks, decoder (see `vit_layer_id`)."""
+        return self.encoder.depth + 1
+
+    def layer_id(self, path: str) -> int:
+        return vit_layer_id(path, self.encoder.depth)
 
     def __call__(self, lr: Array) -> Array:
         """SR image (B, lr_size*scale, lr_size*scale, C) float32 = bicubic(lr) + residual(lr)."""

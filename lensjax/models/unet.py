@@ -194,7 +194,23 @@ class Upsample(nnx.Module):
 
 
 class UNet(nnx.Module):
-    """Diffusion UNet: x_t (B, H, W, in_channels), t (B,) -> (B, H, W, out_channels) float32."""
+    """Diffusion UNet: x_t (B, H, W, in_channels), t (B,) -> (B, H, W, out_channels) float32.
+
+    Args:
+      in_channels, out_channels: image channels in and out (out defaults to in).
+      base_width: channels of the first level; level i has base_width * channel_mults[i].
+      channel_mults: one entry per resolution level; len - 1 downsamplings.
+      num_res_blocks: residual blocks per level in the encoder (decoder: one more).
+      attention_resolutions: feature-map sizes (pixels per side, for an
+        `image_size` input after padding) whose levels get self-attention.
+      image_size: the input size the attention sizes refer to (any size runs).
+      num_heads: attention heads; must divide the width of every attention level.
+      mid_attention: self-attention between the two middle residual blocks.
+      dropout: rate before the second conv of every residual block.
+      num_groups: GroupNorm groups; must divide every level width.
+      dtype: computation dtype (parameters stay float32).
+      conv_impl: see `lensjax.models.layers.Conv`.
+    """
 
     def __init__(self, *, in_channels: int = 1, out_channels: int | None = None,
                  base_width: int = 64, channel_mults: Sequence[int] = (1, 2, 2, 4),
@@ -219,6 +235,13 @@ class UNet(nnx.Module):
         if num_groups < 1 or any(width % num_groups for width in widths):
             raise ValueError(f"num_groups={num_groups} must divide every level width {widths} "
                              f"(base_width * channel_mults)")
+        levels_with_attention = attention_levels(attention_resolutions, image_size, len(widths))
+        attention_widths = [widths[level] for level in levels_with_attention]
+        if mid_attention:
+            attention_widths.append(widths[-1])
+        if num_heads < 1 or any(width % num_heads for width in attention_widths):
+            raise ValueError(f"num_heads={num_heads} must divide the width of every attention "
+                             f"level {sorted(set(attention_widths))}")
         if base_width % 2:
             raise ValueError(f"base_width must be even (it sizes the sinusoidal time embedding), "
                              f"got {base_width}")
@@ -227,8 +250,7 @@ class UNet(nnx.Module):
         self.out_channels = out_channels
         self.num_levels = len(channel_mults)
         self.size_multiple = 2 ** (self.num_levels - 1)
-        self.attention_levels = attention_levels(attention_resolutions, image_size,
-                                                 self.num_levels)
+        self.attention_levels = levels_with_attention
         self.base_width = base_width
         self.dtype = dtype
 

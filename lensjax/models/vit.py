@@ -314,6 +314,21 @@ class ViTEncoder(nnx.Module):
         return self.encode_tokens(self.embed_patches(images))
 
 
+def vit_layer_id(path: str, depth: int) -> int:
+    """Layer index of a parameter path for layer-wise LR decay (BEiT / MAE fine-tuning).
+
+    "encoder/patch_embed/...", "encoder/cls_token": 0; "encoder/blocks/<i>/...": i + 1;
+    everything after the last block (final norm, heads, decoders): depth + 1.
+    """
+    parts = path.split("/")
+    if parts[:1] == ["encoder"] and len(parts) > 1:
+        if parts[1] in ("patch_embed", "cls_token"):
+            return 0
+        if parts[1] == "blocks":
+            return int(parts[2]) + 1
+    return depth + 1
+
+
 class ViTClassifier(nnx.Module):
     """ViT classifier: images (B, H, W, C) -> logits (B, num_classes), float32.
 
@@ -332,6 +347,14 @@ class ViTClassifier(nnx.Module):
         self.num_features = self.encoder.width
         self.head = nnx.Linear(self.encoder.width, num_classes, dtype=self.encoder.dtype,
                                kernel_init=nnx.initializers.zeros, rngs=rngs)
+
+    @property
+    def num_layers(self) -> int:
+        """Layers for layer-wise LR decay: embedding, blocks, head (see `vit_layer_id`)."""
+        return self.encoder.depth + 1
+
+    def layer_id(self, path: str) -> int:
+        return vit_layer_id(path, self.encoder.depth)
 
     def features(self, images: Array) -> Array:
         """Pooled encoder features: (B, H, W, C) -> (B, width) in the compute dtype."""

@@ -286,3 +286,17 @@ def test_bad_classifier_options_raise():
         get_model("vit", num_classes=3, rngs=nnx.Rngs(0), pool="max", **TINY)
     with pytest.raises(ValueError, match="num_classes"):
         get_model("vit", num_classes=0, rngs=nnx.Rngs(0), **TINY)
+
+
+def test_layer_ids_for_layer_wise_lr_decay():
+    from flax import nnx as _nnx
+    from lensjax.models import get_model
+    model = get_model("vit", num_classes=3, rngs=_nnx.Rngs(0), image_size=16, patch_size=8,
+                      width=16, depth=3, num_heads=2)
+    assert model.num_layers == 4
+    assert model.layer_id("encoder/patch_embed/kernel") == 0
+    assert model.layer_id("encoder/cls_token") == 0
+    assert model.layer_id("encoder/blocks/0/attn/qkv/kernel") == 1
+    assert model.layer_id("encoder/blocks/2/mlp/fc1/bias") == 3
+    assert model.layer_id("encoder/norm/scale") == 4
+    assert model.layer_id("head/kernel") == 4
