@@ -108,7 +108,7 @@ def cosine_alphas_cumprod(num_steps: int, s: float = COSINE_OFFSET) -> np.ndarra
 
 def cosine_betas(num_steps: int, s: float = COSINE_OFFSET,
                  max_beta: float = COSINE_MAX_BETA) -> np.ndarray:
-    """Nichol & Dhariwal (2021) betas, 1 - abar(i + 1) / abar(i) clipped at max_beta: (T,) float64."""
+    """Nichol & Dhariwal (2021) betas 1 - abar(i + 1) / abar(i), clipped at max_beta: (T,)."""
     abar = cosine_alphas_cumprod(num_steps, s)
     return np.clip(1.0 - abar[1:] / abar[:-1], 0.0, max_beta)
 

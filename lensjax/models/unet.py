@@ -63,7 +63,7 @@ MAX_PERIOD = 10000.0
 
 
 def timestep_embedding(t: Array, dim: int, max_period: float = MAX_PERIOD) -> Array:
-    """Sinusoidal embedding of timesteps t (B,) -> (B, dim) float32 ([sin | cos], geometric frequencies)."""
+    """Sinusoidal embedding [sin | cos] of timesteps t (B,) -> (B, dim) float32."""
     if dim < 2 or dim % 2:
         raise ValueError(f"time embedding dimension must be even and >= 2, got {dim}")
     half = dim // 2
@@ -107,12 +107,12 @@ def level_sizes(image_size: int, num_levels: int) -> tuple[int, ...]:
 
 def attention_levels(attention_resolutions: Sequence[int], image_size: int,
                      num_levels: int) -> tuple[int, ...]:
-    """Level indices of the feature-map sizes in `attention_resolutions`; ValueError if one is invalid."""
+    """Level indices of the feature-map sizes `attention_resolutions`; ValueError if one is not."""
     sizes = level_sizes(image_size, num_levels)
     unknown = [size for size in attention_resolutions if size not in sizes]
     if unknown:
-        raise ValueError(f"attention_resolutions {tuple(attention_resolutions)} contains {unknown}, "
-                         f"which are not feature-map sizes of this UNet; for image_size="
+        raise ValueError(f"attention_resolutions {tuple(attention_resolutions)} contains "
+                         f"{unknown}, which are not feature-map sizes of this UNet; for image_size="
                          f"{image_size} the sizes per level are {sizes}")
     return tuple(sorted(sizes.index(size) for size in set(attention_resolutions)))
 
@@ -314,7 +314,7 @@ class UNet(nnx.Module):
         return self.time_mlp2(nnx.silu(h))
 
     def __call__(self, x: Array, t: Array, *, rngs: nnx.Rngs | None = None) -> Array:
-        """Prediction (B, H, W, out_channels) float32 for x_t (B, H, W, in_channels) and steps t (B,).
+        """Prediction (B, H, W, out_channels) float32 for x_t (B, H, W, in_channels), steps t (B,).
 
         `rngs` (optional) supplies the dropout randomness; see the module docstring.
         """
