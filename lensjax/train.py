@@ -325,8 +325,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     final: dict = {}
 
     def save(step: int, selection: dict | None = None):
+        # The two managers must not save at once: across processes, orbax names its
+        # barriers by step and by fixed keys, which two concurrent saves would share.
+        best.wait_until_finished()
         latest.save(step, args=checkpointing.ocp.args.StandardSave(state), force=True)
         if selection is not None:
+            latest.wait_until_finished()
             best.save(step, args=checkpointing.ocp.args.StandardSave(state),
                       metrics={k: float(v) for k, v in selection.items()}, force=True)
 

@@ -10,7 +10,9 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from lensjax import checkpointing
+from flax import nnx
+
+from lensjax import checkpointing, evaluate, tasks, train
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "common_resnet18.py"
@@ -55,8 +57,16 @@ def test_two_processes_match_one(tmp_path):
     for p, (out, err) in zip(procs, outputs):
         assert p.returncode == 0, err[-4000:]
     a, b = _params(single), _params(multi)
-    jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y),
-                                                         rtol=1e-4, atol=1e-5), a, b)
+    # Gloo's all-reduce sums gradients in another order than one process does, and
+    # Adam turns last-bit differences of near-zero gradients into visible ones
+    # (its step is lr * g / (|g| + eps)): compare the whole 3-step update in norm.
+    config = evaluate.load_config(single)
+    _, state, _ = train.init_state(config, tasks.get_task(config.task))
+    init = checkpointing._plain(jax.tree.map(np.asarray, nnx.to_pure_dict(state["params"])))
+    diff = sum(np.sum((x - y) ** 2) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    update = sum(np.sum((x - y) ** 2) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(init)))
+    assert update > 0
+    assert np.sqrt(diff / update) < 1e-2, np.sqrt(diff / update)
     # Only process 0 writes TensorBoard events.
     events = list(multi.glob("events.out.tfevents.*"))
     assert len(events) == 1, events
