@@ -31,6 +31,23 @@ def config_hash(config: ml_collections.ConfigDict) -> str:
     return hashlib.sha256(config.to_json(sort_keys=True).encode()).hexdigest()[:16]
 
 
+def restore_workdir(workdir: str | Path, checkpoint: str = "best",
+                    config: ml_collections.ConfigDict | None = None
+                    ) -> tuple[ml_collections.ConfigDict, train.TrainedModel, dict]:
+    """(config, trained model, checkpoint record) of a workdir's "best" or "latest"
+    checkpoint, sharded over every device of every process (as training was)."""
+    workdir = Path(workdir)
+    config = load_config(workdir) if config is None else config
+    task = tasks.get_task(config.task)
+    mesh = parallel.make_mesh(config.get("num_devices") or None)
+    graphdef, state, _ = train.init_state(config, task)
+    shardings = train.state_shardings(state, mesh, config.mesh.get("fsdp_min_size") or None)
+    manager, step = checkpointing.find_checkpoint(workdir, prefer_best=checkpoint == "best")
+    state = checkpointing.restore(manager, jax.device_put(state, shardings), step)
+    record = {"kind": checkpoint, "step": int(step), "path": str(manager.directory)}
+    return config, train.TrainedModel(graphdef, state, task, mesh), record
+
+
 def evaluate_workdir(workdir: str | Path, outdir: str | Path | None = None,
                      checkpoint: str = "best",
                      config: ml_collections.ConfigDict | None = None) -> dict:
@@ -40,19 +57,12 @@ def evaluate_workdir(workdir: str | Path, outdir: str | Path | None = None,
     """
     workdir = Path(workdir)
     outdir = Path(outdir) if outdir is not None else workdir / "report"
-    config = load_config(workdir) if config is None else config
-    task = tasks.get_task(config.task)
-    mesh = parallel.make_mesh(config.get("num_devices") or None)
-    graphdef, state, _ = train.init_state(config, task)
-    shardings = train.state_shardings(state, mesh, config.mesh.get("fsdp_min_size") or None)
-    manager, step = checkpointing.find_checkpoint(workdir, prefer_best=checkpoint == "best")
-    state = checkpointing.restore(manager, jax.device_put(state, shardings), step)
-    predict = train.make_predict(graphdef, task, mesh, use_ema=True)
-    result = task.evaluate(config, lambda batch: predict(state, batch), mesh, outdir)
+    config, trained, record = restore_workdir(workdir, checkpoint, config)
+    result = trained.task.evaluate(config, trained, trained.mesh, outdir)
     report = {
         "task": config.task,
         "model": config.model.name,
-        "checkpoint": {"kind": checkpoint, "step": int(step), "path": str(manager.directory)},
+        "checkpoint": record,
         "config_hash": config_hash(config),
         "lensjax_version": lensjax.__version__,
         **result,

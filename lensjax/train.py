@@ -3,9 +3,10 @@
     from lensjax import train
     train.train_and_evaluate(config, workdir)
 
-A task (lensjax.tasks.<name>) supplies `create_model(config, rngs)`,
-`loss_fn(model, batch, rng) -> (loss, aux)` and `selection_metrics(config,
-predict, mesh) -> dict`; this module is written once and serves every task.
+A task (lensjax.tasks.<name>, protocol in lensjax/tasks/__init__.py) supplies
+`create_model(config, rngs)`, `loss_fn(model, batch, rng) -> (loss, aux)` and
+`selection_metrics(config, trained, mesh) -> dict`; this module is written once
+and serves every task.
 """
 
 from __future__ import annotations
@@ -188,14 +189,48 @@ def jit_train_step(train_step, state, mesh, config):
                    donate_argnums=(0,)), shardings
 
 
+def eval_model(graphdef: nnx.GraphDef, state: TrainState, use_ema: bool = True) -> nnx.Module:
+    """The model of a train state in eval mode, with its EMA parameters when it has them."""
+    params = state["ema_params"] if use_ema and "ema_params" in state else state["params"]
+    model = nnx.merge(graphdef, params, state["model_state"])
+    model.eval()
+    return model
+
+
 def make_predict(graphdef, task, mesh, use_ema: bool):
     """jitted (state, batch) -> task.predict output, in eval mode."""
     def predict(state, batch):
-        params = state["ema_params"] if use_ema and "ema_params" in state else state["params"]
-        model = nnx.merge(graphdef, params, state["model_state"])
-        model.eval()
-        return task.predict(model, batch)
+        return task.predict(eval_model(graphdef, state, use_ema), batch)
     return jax.jit(predict, out_shardings=parallel.batch_sharding(mesh))
+
+
+class TrainedModel:
+    """A trained (restored or in-training) model as evaluators see it: eval mode, EMA
+    parameters when the run keeps them.
+
+    predict(batch): the task's `predict`, jitted with batch-sharded outputs.
+    jit(fn): fn(model, *args) -> a jitted callable(*args) over this model, for
+    evaluators that need more than per-batch predictions (e.g. diffusion sampling).
+    """
+
+    def __init__(self, graphdef: nnx.GraphDef, state: TrainState, task, mesh: jax.sharding.Mesh,
+                 use_ema: bool = True):
+        self.graphdef, self.state, self.task, self.mesh = graphdef, state, task, mesh
+        self.use_ema = use_ema
+        self._predict = make_predict(graphdef, task, mesh, use_ema)
+
+    def predict(self, batch: dict) -> dict:
+        return self._predict(self.state, batch)
+
+    def jit(self, fn: Callable, **jit_kwargs) -> Callable:
+        graphdef, use_ema = self.graphdef, self.use_ema
+        jitted = jax.jit(lambda state, *args: fn(eval_model(graphdef, state, use_ema), *args),
+                         **jit_kwargs)
+        return lambda *args: jitted(self.state, *args)
+
+    def model(self) -> nnx.Module:
+        """The model itself (eval mode), outside jit: for small host-side work."""
+        return eval_model(self.graphdef, self.state, self.use_ema)
 
 
 # ----------------------------------------------------------------------------
@@ -313,7 +348,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     start_step = int(state["step"])
     logging.info("train state: %s; %d parameters", origin, sum(
         int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"])))
-    predict = make_predict(graphdef, task, mesh, use_ema=True)
+    trained = TrainedModel(graphdef, state, task, mesh)
 
     # --- data and hooks ---------------------------------------------------------------
     batches = pipeline.train_iterator(config, mesh, start_step)
@@ -374,7 +409,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                 check_finite({"parameters": float("nan")}, step)
             if step % config.train.eval_every == 0 or is_last:
                 with jax.profiler.TraceAnnotation("selection"):
-                    selection = task.selection_metrics(config, lambda b: predict(state, b), mesh)
+                    trained.state = state
+                    selection = task.selection_metrics(config, trained, mesh)
                 writer.write_scalars(step, {f"selection_{k}": v for k, v in selection.items()})
                 final.update({f"selection_{k}": v for k, v in selection.items()})
             if (selection is not None or step % config.train.checkpoint_every == 0 or is_last

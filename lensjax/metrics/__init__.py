@@ -1,1 +1,2 @@
-"""Framework-free evaluation maths (numpy only): ROC/AUC, FID, image quality."""
+"""Evaluation maths without TensorFlow: ROC/AUC (numpy), Frechet distances and the FID
+Inception network, image quality (jax.numpy), physical statistics of lensing images."""

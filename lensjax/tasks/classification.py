@@ -45,32 +45,32 @@ def predict(model: nnx.Module, batch: dict) -> dict:
     return {"probs": jax.nn.softmax(logits, axis=-1)}
 
 
-def collect(config, predict_fn, mesh, split: str) -> tuple[np.ndarray, np.ndarray]:
+def collect(config, trained, mesh, split: str) -> tuple[np.ndarray, np.ndarray]:
     """Probabilities (N, C) and labels (N,) of every valid example of a split."""
     probs, labels = [], []
     for batch in pipeline.heldout_iterator(config, mesh, split):
-        out = predict_fn(batch)
+        out = trained.predict(batch)
         mask = parallel.to_host(batch["mask"])
         probs.append(parallel.to_host(out["probs"])[mask])
         labels.append(parallel.to_host(batch["label"])[mask])
     return np.concatenate(probs), np.concatenate(labels)
 
 
-def selection_metrics(config, predict_fn, mesh) -> dict:
+def selection_metrics(config, trained, mesh) -> dict:
     """Macro AUC and accuracy on the model-selection set."""
     from lensjax.metrics import roc
-    probs, labels = collect(config, predict_fn, mesh, "selection")
+    probs, labels = collect(config, trained, mesh, "selection")
     report = roc.classification_report(probs, labels, pipeline.class_names(config))
     return {"macro_auc": float(report["auc_macro"]), "accuracy": float(report["accuracy"])}
 
 
-def evaluate(config, predict_fn, mesh, outdir: str | Path) -> dict:
+def evaluate(config, trained, mesh, outdir: str | Path) -> dict:
     """Metrics on the held-out set and figures roc.png, confusion.png in `outdir`."""
     from lensjax import plots
     from lensjax.metrics import roc
     outdir = Path(outdir)
     names = list(pipeline.class_names(config))
-    probs, labels = collect(config, predict_fn, mesh, "heldout")
+    probs, labels = collect(config, trained, mesh, "heldout")
     report = roc.classification_report(probs, labels, names)
     data = pipeline.describe(config, "heldout")
     source = config.data.preset if config.data.source == "sim" else config.data.tfds_name
