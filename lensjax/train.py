@@ -29,7 +29,7 @@ from clu import metric_writers, metrics, periodic_actions
 from flax import nnx
 
 from lensjax import checkpointing, parallel, tasks
-from lensjax.data import pipeline
+from lensjax.data import pipeline, transforms
 
 TrainState = dict[str, Any]
 
@@ -238,18 +238,25 @@ class TrainedModel:
 # ----------------------------------------------------------------------------
 
 def check_same_normalization(config: ml_collections.ConfigDict, source_workdir: str | Path) -> None:
-    """A warm start must see images scaled exactly as the source run saw them."""
+    """A warm start must see images scaled exactly as the source run saw them.
+
+    Compared: `transforms.effective_normalization` of both runs (data.normalization,
+    or with "none" the scaling the data were stored with, e.g. "minmax" for the VI.B
+    pairs, stored in [0, 1]).
+    """
     path = Path(source_workdir) / "config.json"
     if not path.is_file():
         return  # a bare checkpoint folder: nothing recorded to compare
     source = json.loads(path.read_text()).get("data", {})
-    theirs = source.get("normalization", "none")
-    ours = config.data.get("normalization", "none")
+    theirs = transforms.effective_normalization(source)
+    ours = transforms.effective_normalization(config.data)
     if theirs != ours:
         raise ValueError(
-            f"config.model_init={source_workdir} was trained with data.normalization={theirs!r} "
-            f"but this run uses {ours!r}; fine-tuning must normalise images as pretraining "
-            f"did. Fix: --config.data.normalization={theirs}")
+            f"config.model_init={source_workdir} saw images scaled by {theirs!r} "
+            f"(data.normalization, or the stored scaling of its data) but this run feeds "
+            f"{ours!r}; fine-tuning must scale images as pretraining did. Fix: set "
+            f"--config.data.normalization so that both agree (for data stored unscaled: "
+            f"--config.data.normalization={theirs}).")
 
 
 def restore_or_init(config, workdir: Path, state: TrainState, shardings, latest) -> tuple[TrainState, str]:

@@ -130,7 +130,8 @@ def record_split(config: ml_collections.ConfigDict, workdir: str | Path) -> Path
         "streams": {name: {"key": f"fold_in(key({config.seed}), crc32('{name}'))",
                            "num_examples": "unbounded" if name == "train"
                            else _num_examples(config, name)} for name in SPLITS},
-        "note": "batch i of a stream uses fold_in(stream key, i); the streams are disjoint"}}
+        "note": "example n of a stream is simulated from fold_in(stream key, n); the "
+                "streams are disjoint"}}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=1) + "\n")
     return path

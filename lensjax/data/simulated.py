@@ -1,7 +1,7 @@
 """On-device streams of simulated data from `lensjax.sim`, sharded over the mesh.
 
-Batch `step` of a stream is `preset.sample(fold_in(stream_key, step), batch)`,
-generated inside a jit whose output is sharded on the `data` axis: each device
+Example n of a stream is simulated from `fold_in(stream_key, n)` (batch `step`
+holds examples step * B ... step * B + B - 1), generated inside a jit whose output is sharded on the `data` axis: each device
 (and each host) computes only its own examples, with no host round trip, and a
 resumed run sees exactly the batches of an uninterrupted one. Train, selection and
 held-out streams use disjoint keys (`stream_key(seed, "train")` vs `"heldout"`).
@@ -60,8 +60,12 @@ class SimulatedStream:
         self._generate = jax.jit(self._batch, out_shardings=parallel.batch_sharding(mesh))
 
     def _batch(self, step: Array) -> dict[str, Array]:
+        # Example n of a stream is simulated from fold_in(stream key, n) whatever the
+        # batch size, so an evaluation set holds the same images for every eval batch
+        # size and device count.
+        images, labels, params = self.preset.sample(self.key, self.batch_size, label=self.label,
+                                                    start_index=step * self.batch_size)
         key = jax.random.fold_in(self.key, step)
-        images, labels, params = self.preset.sample(key, self.batch_size, label=self.label)
         if is_superres(self.preset):
             batch = {"lr": params["lr_image"], "hr": images, "label": labels}
         else:

@@ -24,6 +24,16 @@ def check_normalization(method: str) -> str:
     return method
 
 
+def effective_normalization(data) -> str:
+    """The scaling images reach the model with: config.data.normalization, or, when that
+    is "none", the scaling their source stored them with (`stored_normalization`).
+    `data` is a config.data ConfigDict or the "data" dict of a workdir's config.json."""
+    method = data.get("normalization", "none") or "none"
+    if method == "none":
+        return data.get("stored_normalization", "none") or "none"
+    return method
+
+
 def normalize(images: Array, method: str) -> Array:
     """Per-image rescaling of (B, H, W, C) images; returns the same shape, float32.
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-TASKS = ("classification",)
+TASKS = ("classification", "diffusion", "mae", "superres")
 
 
 def get_task(name: str) -> ModuleType:
