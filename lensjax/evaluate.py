@@ -40,10 +40,14 @@ def restore_workdir(workdir: str | Path, checkpoint: str = "best",
     config = load_config(workdir) if config is None else config
     task = tasks.get_task(config.task)
     mesh = parallel.make_mesh(config.get("num_devices") or None)
-    graphdef, state, _ = train.init_state(config, task)
-    shardings = train.state_shardings(state, mesh, config.mesh.get("fsdp_min_size") or None)
+    graphdef, abstract_state, _ = train.init_state(config, task, abstract=True)
+    shardings = train.state_shardings(abstract_state, mesh,
+                                      config.mesh.get("fsdp_min_size") or None)
+    target = jax.tree.map(lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype,
+                                                                   sharding=sharding),
+                          abstract_state, shardings)
     manager, step = checkpointing.find_checkpoint(workdir, prefer_best=checkpoint == "best")
-    state = checkpointing.restore(manager, jax.device_put(state, shardings), step)
+    state = checkpointing.restore(manager, target, step)
     record = {"kind": checkpoint, "step": int(step), "path": str(manager.directory)}
     return config, train.TrainedModel(graphdef, state, task, mesh), record
 

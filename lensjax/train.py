@@ -129,18 +129,33 @@ def make_optimizer(train: ml_collections.ConfigDict, params=None,
 # State and step
 # ----------------------------------------------------------------------------
 
-def init_state(config: ml_collections.ConfigDict, task, tx=None
+def init_state(config: ml_collections.ConfigDict, task, tx=None, *, abstract: bool = False
                ) -> tuple[nnx.GraphDef, TrainState, optax.GradientTransformation]:
-    """Model graph definition, the initial train state (host arrays) and the optimiser
-    (built from the config unless `tx` is given)."""
-    model = task.create_model(config, nnx.Rngs(config.seed))
-    graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
+    """Model graph definition, the initial train state and the optimiser (built from the
+    config unless `tx` is given).
+
+    The state is initialised inside one jit: built eagerly, every parameter's
+    initialiser would compile on its own (tens of seconds on a CPU for a UNet).
+    abstract=True returns jax.ShapeDtypeStructs instead (a restore target, no compute).
+    """
+    def build() -> nnx.Module:
+        return task.create_model(config, nnx.Rngs(config.seed))
+
+    abstract_model = nnx.eval_shape(build)
+    graphdef, abstract_params, _ = nnx.split(abstract_model, nnx.Param, ...)
     if tx is None:
-        tx = make_optimizer(config.train, params, model)
-    state = {"step": jnp.zeros((), jnp.int32), "params": params, "model_state": model_state,
-             "opt_state": tx.init(params)}
-    if config.train.get("ema_decay", 0.0):
-        state["ema_params"] = jax.tree.map(jnp.copy, params)
+        tx = make_optimizer(config.train, abstract_params, abstract_model)
+    keep_ema = bool(config.train.get("ema_decay", 0.0))
+
+    def initial_state() -> TrainState:
+        _, params, model_state = nnx.split(build(), nnx.Param, ...)
+        state = {"step": jnp.zeros((), jnp.int32), "params": params, "model_state": model_state,
+                 "opt_state": tx.init(params)}
+        if keep_ema:
+            state["ema_params"] = jax.tree.map(jnp.copy, params)
+        return state
+
+    state = jax.eval_shape(initial_state) if abstract else jax.jit(initial_state)()
     return graphdef, state, tx
 
 

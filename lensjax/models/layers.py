@@ -55,21 +55,36 @@ from jax import lax
 Array = jax.Array
 
 CONV_IMPLS = ("xla", "patches", "auto")
-# Smallest input-channel count at which im2col + matmul beats XLA:CPU for a
-# spatial (kh*kw > 1) kernel; see the module docstring.
-PATCHES_MIN_CHANNELS = 32
+# CPU rule of "auto" (see the module docstring): input-channel count from which
+# "patches" is used at every map size, and the output-map size (pixels per
+# image) up to which it is used at every channel count.
+PATCHES_MIN_CHANNELS = 512
+PATCHES_MAX_OUTPUT_PIXELS = 4
 
 he_normal = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
+def conv_output_size(input_size: Sequence[int], strides: Sequence[int]) -> tuple[int, int]:
+    """(Ho, Wo) of a SAME convolution of an (H, W) input: ceil(H / sh), ceil(W / sw)."""
+    return tuple(-(-int(n) // int(s)) for n, s in zip(input_size, strides))
+
+
 def choose_conv_impl(kernel_size: Sequence[int], in_features: int,
+                     strides: Sequence[int] = (1, 1), output_size: Sequence[int] | None = None,
                      backend: str | None = None) -> str:
-    """The implementation "auto" resolves to: "xla" off CPU; on CPU see the module docstring."""
+    """The implementation "auto" resolves to for one layer: "xla" off CPU; on CPU see the module docstring.
+
+    output_size: (Ho, Wo) of the layer, when known (at trace time it is).
+    """
     backend = jax.default_backend() if backend is None else backend
     if backend != "cpu":
         return "xla"
     kh, kw = kernel_size
-    if kh * kw == 1 or in_features == 1 or in_features >= PATCHES_MIN_CHANNELS:
+    strided = any(int(s) > 1 for s in strides)
+    tiny_map = (output_size is not None
+                and int(output_size[0]) * int(output_size[1]) <= PATCHES_MAX_OUTPUT_PIXELS)
+    if (kh * kw == 1 or in_features == 1 or strided or tiny_map
+            or in_features >= PATCHES_MIN_CHANNELS):
         return "patches"
     return "xla"
 
@@ -132,17 +147,19 @@ class Conv(nnx.Module):
         self.kernel = nnx.Param(kernel_init(rngs.params(), shape, param_dtype))
         self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype)) if use_bias else None
 
-    def resolved_impl(self) -> str:
-        """"xla" or "patches": what this layer runs on the current default backend."""
+    def resolved_impl(self, input_size: Sequence[int] | None = None) -> str:
+        """"xla" or "patches": what this layer runs on the current default backend for an
+        input of spatial size `input_size` (H, W) (None: decide without the map size)."""
         if self.conv_impl == "auto":
-            return choose_conv_impl(self.kernel_size, self.in_features)
+            output_size = None if input_size is None else conv_output_size(input_size, self.strides)
+            return choose_conv_impl(self.kernel_size, self.in_features, self.strides, output_size)
         return self.conv_impl
 
     def __call__(self, x: Array) -> Array:
         """x (B, H, W, in_features) -> (B, ceil(H/sh), ceil(W/sw), out_features) in `dtype`."""
         x = x.astype(self.dtype)
         kernel = self.kernel[...].astype(self.dtype)
-        if self.resolved_impl() == "patches":
+        if self.resolved_impl(x.shape[1:3]) == "patches":
             y = conv_patches(x, kernel, self.strides)
         else:
             y = conv_xla(x, kernel, self.strides)
