@@ -1,11 +1,13 @@
 """Evaluate a trained workdir: restore its best checkpoint, run the task's evaluators,
 write report.json and figures next to it (shared/EVALUATION.md).
 
-    python -m lensjax.evaluate --workdir runs/x [--outdir runs/x/report] [--checkpoint latest]
+    python -m lensjax.evaluate --workdir runs/x [--outdir runs/x/report] [--checkpoint latest] \
+        [--config.eval.<key>=<value> ...]
 """
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import logging
@@ -78,15 +80,62 @@ def evaluate_workdir(workdir: str | Path, outdir: str | Path | None = None,
     return report
 
 
+def _parse_like(text: str, current):
+    """`text` as a value of the type of `current` (bool, int, float, str, tuple/list)."""
+    if isinstance(current, bool):
+        if text.lower() not in ("true", "false", "1", "0"):
+            raise ValueError(f"expected True or False, got {text!r}")
+        return text.lower() in ("true", "1")
+    if isinstance(current, (int, float)):
+        return type(current)(text)
+    if isinstance(current, str):
+        return text
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        if current is None:  # an unset option: take the text as it is (e.g. a path)
+            return text
+        raise
+    return tuple(value) if isinstance(current, tuple) else value
+
+
+def config_with_overrides(workdir: str | Path, overrides: list[str]) -> ml_collections.ConfigDict:
+    """The workdir's config.json with `--config.<key>=<value>` overrides applied (the
+    syntax of lensjax.main), e.g. --config.eval.inception_weights=/data/pt_inception.pth."""
+    config = load_config(workdir)
+    for item in overrides:
+        if not item.startswith("--config.") or "=" not in item:
+            raise SystemExit(f"bad override {item!r}: overrides look like "
+                             "--config.eval.batch_size=64")
+        key, text = item[len("--config."):].split("=", 1)
+        *parents, leaf = key.split(".")
+        node = config
+        try:
+            for part in parents:
+                node = node[part]
+            current = node[leaf]
+        except (KeyError, AttributeError, TypeError):
+            raise SystemExit(f"bad override {item!r}: {key} is not a key of the config in "
+                             f"{workdir}/config.json") from None
+        try:
+            node[leaf] = _parse_like(text, current)
+        except (ValueError, SyntaxError) as err:
+            raise SystemExit(f"bad override {item!r}: {err}") from None
+    return config
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
-    parser = argparse.ArgumentParser(description="Evaluate a lensjax workdir")
+    parser = argparse.ArgumentParser(
+        description="Evaluate a lensjax workdir. Any --config.<key>=<value> after the options "
+                    "overrides the workdir's config.json (e.g. --config.eval.num_samples=10000).")
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--outdir", default=None, help="default: WORKDIR/report")
     parser.add_argument("--checkpoint", choices=("best", "latest"), default="best")
-    args = parser.parse_args(argv)
+    args, overrides = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO)
-    report = evaluate_workdir(args.workdir, args.outdir, args.checkpoint)
+    config = config_with_overrides(args.workdir, overrides)
+    report = evaluate_workdir(args.workdir, args.outdir, args.checkpoint, config=config)
     print(json.dumps({k: report[k] for k in ("checkpoint", "data")}, indent=2))
     print(f"{report['task']}, checkpoint step {report['checkpoint']['step']}: {report['headline']}")
     print(f"report: {report['report_path']}")

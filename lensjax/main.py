@@ -3,7 +3,10 @@
     python -m lensjax.main --config configs/common_resnet18.py --workdir runs/x
     python -m lensjax.main --config configs/common_resnet18.py:runlocal=True --workdir runs/x \
         --config.train.steps=100
-    python -m lensjax.main --config ... --workdir runs/x --mode=eval
+    python -m lensjax.main --config ... --workdir runs/x --mode=eval [--config.eval.<key>=...]
+
+With --mode=eval the model and data are those of the workdir's config.json; only the
+`eval` section is taken from this command line.
 """
 
 from __future__ import annotations
@@ -46,7 +49,11 @@ def main(argv):
         final = train.train_and_evaluate(config, FLAGS.workdir)
         logging.info("final training metrics: %s", json.dumps(final))
     if FLAGS.mode in ("eval", "train_eval"):
-        report = evaluate.evaluate_workdir(FLAGS.workdir)
+        # The workdir's config.json describes the trained model; the eval section
+        # (sample counts, weights files, ...) comes from this command line.
+        trained_config = evaluate.load_config(FLAGS.workdir)
+        trained_config.eval = config.eval
+        report = evaluate.evaluate_workdir(FLAGS.workdir, config=trained_config)
         print(f"{config.task}, checkpoint step {report['checkpoint']['step']}: {report['headline']}")
         print(f"report: {report['report_path']}")
 

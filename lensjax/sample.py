@@ -102,7 +102,7 @@ def sample_workdir(workdir: str | os.PathLike, num: int, out_dir: str | os.PathL
     import lensjax
     from lensjax import evaluate, plots
     from lensjax.tasks import diffusion as task
-    from lensjax.tasks import image_features
+    from lensjax.data import pipeline
 
     if num < 1:
         raise ValueError(f"--num must be >= 1, got {num}")
@@ -118,7 +118,7 @@ def sample_workdir(workdir: str | os.PathLike, num: int, out_dir: str | os.PathL
     requested = batch_size or int((config.get("sample", {}) or {}).get(
         "batch_size", config.eval.batch_size))
     batch = task.sample_batch_size(requested, num, trained.mesh)
-    shape = image_features.data_image_shape(config)
+    shape = pipeline.image_shape(config)
     writer = jax.process_index() == 0
     grid = []
     for start, images in task.generate(trained, num, sampler=chosen, image_shape=shape,

@@ -136,3 +136,15 @@ def test_bad_batch_size_names_the_fix():
     config = tiny_config(batch_size=12)
     with pytest.raises(ValueError, match="multiple of 8"):
         train.train_and_evaluate(config, "/tmp/unused-lensjax-workdir")
+
+
+def test_evaluate_overrides_use_the_training_syntax(tmp_path):
+    train.write_config(tiny_config(), tmp_path)
+    config = evaluate.config_with_overrides(tmp_path, ["--config.eval.batch_size=8",
+                                                       "--config.data.heldout_examples=64"])
+    assert config.eval.batch_size == 8 and config.data.heldout_examples == 64
+    assert config.train.steps == tiny_config().train.steps
+    with pytest.raises(SystemExit, match="bad override"):
+        evaluate.config_with_overrides(tmp_path, ["--config.eval.no_such_key=1"])
+    with pytest.raises(FileNotFoundError, match="lensjax workdir"):
+        evaluate.config_with_overrides(tmp_path / "missing", [])

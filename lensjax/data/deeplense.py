@@ -126,6 +126,11 @@ def class_names(name: str) -> tuple[str, ...]:
     return _layout(name).class_names
 
 
+def image_hw(name: str) -> tuple[int, int]:
+    """(H, W) of the images of a layout (HR for super-resolution pairs)."""
+    return _layout(name).image_hw
+
+
 def train_split(name: str) -> str:
     """TFDS split to train on."""
     _layout(name)

@@ -42,6 +42,15 @@ def class_names(config: ml_collections.ConfigDict) -> tuple[str, ...]:
     return tuple(deeplense.class_names(config.data.tfds_name))
 
 
+def image_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
+    """(H, W, 1) of the configured images (HR for super-resolution): the simulator
+    preset's, or the official layout's."""
+    if config.data.source == "sim":
+        return tuple(preset_from_config(config.data).image_shape)
+    from lensjax.data import deeplense
+    return (*deeplense.image_hw(config.data.tfds_name), 1)
+
+
 def _check_source(data: ml_collections.ConfigDict) -> None:
     if data.source not in ("sim", "tfds"):
         raise ValueError(f"config.data.source must be 'sim' or 'tfds', got {data.source!r}")

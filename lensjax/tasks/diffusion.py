@@ -171,7 +171,7 @@ def create_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> Diffusion
         raise ValueError("the diffusion task maps images in [0, 1] to [-1, 1]; "
                          "config.data.normalization must be 'none' or 'minmax', not 'standardize'")
     kwargs = dict(config.model.get("kwargs", {}) or {})
-    kwargs.setdefault("image_size", image_features.data_image_shape(config)[0])
+    kwargs.setdefault("image_size", pipeline.image_shape(config)[0])
     network = models.get_model(config.model.name, rngs=rngs, **kwargs)
     return DiffusionModel(network, diffusion_settings(config))
 
@@ -389,7 +389,7 @@ def evaluate(config: ml_collections.ConfigDict, trained, mesh: jax.sharding.Mesh
     batch_size = sample_batch_size(int(sample_config.get("batch_size", config.eval.batch_size)),
                                    num, mesh)
     generated = generate_all(trained, num, sampler=sampler, seed=seed, batch_size=batch_size,
-                             image_shape=image_features.data_image_shape(config))
+                             image_shape=pipeline.image_shape(config))
     real = collect_images(config, mesh, "heldout", num)
     if len(real) < num:
         logging.warning("the held-out split holds %d images, fewer than the %d generated; "

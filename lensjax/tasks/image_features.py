@@ -3,7 +3,7 @@
 FLD is the Frechet distance between Gaussians fitted to the pooled penultimate
 features (`model.features`) of a classifier trained by lensjax, restored from its
 workdir, so it needs no download; images are resized to the classifier's input size
-(`data_image_shape` of its config) and normalised as its training data were. It is
+(`pipeline.image_shape` of its config) and normalised as its training data were. It is
 never called FID, which is the same distance in the 2048-d pool3 space of the FID
 Inception network (`lensjax.metrics.inception`) with the pt_inception-2015-12-05
 weights read from a local file.
@@ -29,17 +29,6 @@ Array = jax.Array
 MIN_FID_SAMPLES = 5000
 
 
-def data_image_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
-    """(H, W, 1) of the configured data: the simulator preset's, or the official layout's."""
-    if config.data.source == "sim":
-        return tuple(pipeline.preset_from_config(config.data).image_shape)
-    from lensjax.data import deeplense
-    name = config.data.tfds_name
-    layout = deeplense.LAYOUTS[name if name in deeplense.LAYOUTS else f"deeplense_{name}"]
-    return (*layout.image_hw, 1)
-
-
-
 def _classifier_features(model: nnx.Module, images: Array, *, image_size: int,
                          normalization: str) -> Array:
     """Penultimate features (B, D) float32 of images (B, H, W, 1) in [0, 1], resized to the
@@ -62,7 +51,7 @@ class LensingEncoder:
                              "which has no features(images) method; FLD needs a lensjax "
                              "classifier workdir (e.g. configs/common_resnet18.py)")
         self.mesh = trained.mesh
-        self.image_size = int(data_image_shape(config)[0])
+        self.image_size = int(pipeline.image_shape(config)[0])
         self.normalization = config.data.get("normalization", "none")
         self._features = trained.jit(
             functools.partial(_classifier_features, image_size=self.image_size,
