@@ -15,8 +15,11 @@ of the files is held out, so FID has 5,000 real images never trained on).
     python -m lensjax.main --config configs/ddpm_unet.py --workdir runs/ddpm --mode=train_eval \
         --config.eval.inception_weights=/data/pt_inception-2015-12-05-6726825d.pth \
         --config.eval.fld_workdir=runs/common_resnet18
-    # evaluate again (the best checkpoint, the settings in runs/ddpm/config.json)
+    # evaluate again (the best checkpoint, the settings in runs/ddpm/config.json), or add
+    # FID/FLD to a finished run:
     python -m lensjax.evaluate --workdir runs/ddpm
+    python -m lensjax.evaluate --workdir runs/ddpm \
+        --config.eval.inception_weights=/data/pt_inception-2015-12-05-6726825d.pth
     # 10,000 samples in the official layout (OUT/Samples/sample<i>.npy) plus a grid
     python -m lensjax.sample --workdir runs/ddpm --num 10000 --sampler ddim --steps 100 \
         --eta 0 --out runs/ddpm/samples
@@ -24,10 +27,7 @@ of the files is held out, so FID has 5,000 real images never trained on).
     python -m lensjax.main --config configs/ddpm_unet.py:runlocal=True --workdir /tmp/ddpm \
         --mode=train_eval
 
-Evaluation always reads the workdir's config.json. To add FID/FLD to a finished run:
-    python -c "from lensjax import evaluate; c = evaluate.load_config('runs/ddpm'); \
-        c.eval.inception_weights = '/data/pt_inception-2015-12-05-6726825d.pth'; \
-        evaluate.evaluate_workdir('runs/ddpm', config=c)"
+Evaluation reads the workdir's config.json; `--config.eval.<key>=<value>` overrides it.
 EMA 0.9999 averages over ~10,000 steps: for runs much shorter than 100,000 steps
 lower it (`ema=0.999`).
 """
