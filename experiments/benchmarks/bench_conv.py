@@ -2,19 +2,14 @@
 
 Times one jitted ResNet-18 training-step gradient (forward + backward, BatchNorm
 in training mode, softmax cross-entropy) per `conv_impl`, with identical
-parameters, and prints ms per step (median of `--repeats`, after compilation).
-`--layers` times single 3x3 / 1x1 / stem convolutions instead (the per-layer
-evidence for the "auto" rule in lensjax/models/layers.py).
+parameters, and prints ms per step (best of `--repeats` interleaved runs, after
+compilation). `--layers` times single convolutions instead, at the shapes and
+batch sizes of the networks in bench_train.py: the per-layer evidence for the
+"auto" rule, recorded in the docstring of lensjax/models/layers.py.
 
+    python experiments/benchmarks/bench_conv.py --layers            # per-layer table (minutes)
     python experiments/benchmarks/bench_conv.py                     # network table
-    python experiments/benchmarks/bench_conv.py --layers            # per-layer table
     python experiments/benchmarks/bench_conv.py --widths 16 --sizes 64 --repeats 3
-
-Result on the 2-core development CPU (jax 0.10.2, batch 32, ms per fwd+bwd):
-
-    width  image  stem        xla   patches     auto
-       16     64  small       ...
-(filled in below by the run recorded in the module docstring of layers.py)
 """
 
 from __future__ import annotations
@@ -35,8 +30,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
 from lensjax.models import get_model  # noqa: E402
 from lensjax.models import layers  # noqa: E402
-from lensjax.models.layers import (CONV_IMPLS, choose_conv_impl, conv_patches,  # noqa: E402
-                                   conv_xla, set_conv_impl)
+from lensjax.models.layers import (CONV_IMPLS, choose_conv_impl, conv_output_size,  # noqa: E402
+                                   conv_patches, conv_xla, set_conv_impl)
 
 
 def _interleaved_ms(fns: dict, args: dict, repeats: int) -> dict[str, float]:
@@ -84,29 +79,39 @@ def time_network(width: int, image_size: int, batch_size: int, impls: list[str],
     return results
 
 
-# (H, cin, cout, kernel, stride): shapes that occur in ResNet-18/50 at widths 8-64.
+# (batch, H, cin, cout, kernel, stride): the layers of the networks in
+# bench_train.py at its CPU batch sizes (ResNet-18 width 64 at 64 px and 150 px,
+# the width-16 demo ResNet-18, the base-width-32 UNet at 152 px) and two at batch 32.
 LAYER_CASES = (
-    (64, 8, 8, 3, 1), (32, 16, 16, 3, 1), (75, 16, 16, 3, 1), (64, 24, 24, 3, 1),
-    (64, 32, 32, 3, 1), (16, 32, 32, 3, 1), (64, 64, 64, 3, 1), (38, 64, 64, 3, 1),
-    (16, 256, 256, 3, 1), (2, 512, 512, 3, 1), (64, 16, 32, 3, 2), (32, 128, 256, 3, 2),
-    (64, 16, 64, 1, 1), (64, 64, 16, 1, 1), (32, 64, 128, 1, 2),
-    (64, 1, 64, 3, 1), (150, 1, 64, 7, 2),
+    (8, 64, 1, 64, 3, 1), (8, 64, 64, 64, 3, 1), (8, 64, 64, 128, 3, 2), (8, 64, 64, 128, 1, 2),
+    (8, 32, 128, 128, 3, 1), (8, 32, 128, 256, 3, 2), (8, 16, 256, 256, 3, 1),
+    (8, 16, 256, 512, 3, 2), (8, 8, 512, 512, 3, 1),
+    (16, 150, 1, 64, 7, 2), (16, 38, 64, 64, 3, 1), (16, 38, 64, 128, 3, 2),
+    (16, 19, 128, 128, 3, 1), (16, 10, 256, 256, 3, 1), (16, 5, 512, 512, 3, 1),
+    (64, 16, 16, 16, 3, 1), (64, 16, 16, 32, 3, 2), (64, 8, 32, 32, 3, 1), (64, 4, 64, 64, 3, 1),
+    (64, 4, 64, 128, 3, 2), (64, 2, 128, 128, 3, 1),
+    (2, 152, 32, 32, 3, 1), (2, 152, 64, 32, 3, 1), (2, 152, 32, 32, 3, 2), (2, 76, 64, 64, 3, 1),
+    (2, 38, 64, 64, 3, 1), (2, 19, 128, 128, 3, 1),
+    (32, 64, 64, 64, 3, 1), (32, 16, 256, 256, 3, 1),
 )
 
 
-def time_layers(batch_size: int, repeats: int) -> list[tuple]:
-    """ms per jitted fwd+bwd of one SAME convolution, xla vs patches, for LAYER_CASES."""
+def time_layers(repeats: int, batch_size: int | None = None) -> list[tuple]:
+    """ms per jitted fwd+bwd of one SAME convolution, xla vs patches, for LAYER_CASES
+    (each at its own batch size unless `batch_size` is given)."""
     rows = []
     key = jax.random.key(0)
-    for size, cin, cout, k, stride in LAYER_CASES:
-        x = jax.random.normal(key, (batch_size, size, size, cin))
+    for case_batch, size, cin, cout, k, stride in LAYER_CASES:
+        batch = batch_size or case_batch
+        x = jax.random.normal(key, (batch, size, size, cin))
         w = jax.random.normal(key, (k, k, cin, cout)) * (2.0 / (k * k * cout)) ** 0.5
         fns = {name: jax.jit(jax.grad(
                    lambda x, w, conv=conv: jnp.sum(conv(x, w, (stride, stride)) ** 2), argnums=(0, 1)))
                for name, conv in (("xla", conv_xla), ("patches", conv_patches))}
         times = _interleaved_ms(fns, {name: (x, w) for name in fns}, repeats)
-        auto = choose_conv_impl((k, k), cin, backend="cpu")
-        rows.append((size, cin, cout, k, stride, times["xla"], times["patches"], auto))
+        auto = choose_conv_impl((k, k), cin, (stride, stride),
+                                conv_output_size((size, size), (stride, stride)), backend="cpu")
+        rows.append((batch, size, cin, cout, k, stride, times["xla"], times["patches"], auto))
         print(f"  {rows[-1]}", file=sys.stderr, flush=True)
     return rows
 
@@ -115,37 +120,37 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--widths", type=int, nargs="+", default=[16, 64])
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 150])
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="batch (default: 32 for networks, each layer case's own for --layers)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--impls", nargs="+", default=list(CONV_IMPLS), choices=CONV_IMPLS)
     parser.add_argument("--layers", action="store_true", help="time single convolutions instead")
-    parser.add_argument("--auto-min-channels", type=int, default=None,
-                        help="override layers.PATCHES_MIN_CHANNELS (the CPU rule of 'auto')")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.auto_min_channels is not None:
-        layers.PATCHES_MIN_CHANNELS = args.auto_min_channels
     print(f"# jax {jax.__version__}, backend {jax.default_backend()}, {jax.devices()[0].device_kind}, "
-          f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}; "
-          f"batch {args.batch_size}, best of {args.repeats} interleaved runs; "
-          f"auto: patches on CPU when cin >= {layers.PATCHES_MIN_CHANNELS}, 1x1 or cin == 1")
+          f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}, load average "
+          f"{os.getloadavg()[0]:.2f}; best of {args.repeats} interleaved runs; auto on CPU: patches "
+          f"for 1x1, cin == 1, stride > 1, cin >= {layers.PATCHES_MIN_CHANNELS} or output maps of "
+          f"<= {layers.PATCHES_MAX_OUTPUT_PIXELS} pixels, else xla")
     if args.layers:
         print("# ms per jitted fwd+bwd of one SAME convolution (patches = slices + matmul)")
-        print(f"{'input':>9} {'cin':>5} {'cout':>5} {'kernel':>6} {'stride':>6} "
+        print(f"{'batch':>5} {'input':>9} {'cin':>5} {'cout':>5} {'kernel':>6} {'stride':>6} "
               f"{'xla':>9} {'patches':>9} {'auto(cpu)':>9}")
-        for size, cin, cout, k, stride, t_xla, t_patches, auto in time_layers(args.batch_size,
-                                                                              args.repeats):
-            print(f"{f'{size}x{size}':>9} {cin:5d} {cout:5d} {f'{k}x{k}':>6} {stride:6d} "
-                  f"{t_xla:9.1f} {t_patches:9.1f} {auto:>9}")
+        for batch, size, cin, cout, k, stride, t_xla, t_patches, auto in time_layers(
+                args.repeats, args.batch_size):
+            print(f"{batch:5d} {f'{size}x{size}':>9} {cin:5d} {cout:5d} {f'{k}x{k}':>6} {stride:6d} "
+                  f"{t_xla:9.1f} {t_patches:9.1f} {auto:>9}", flush=True)
         return 0
-    print("# ms per ResNet-18 gradient step (forward + backward, BatchNorm training mode)")
+    batch_size = args.batch_size or 32
+    print(f"# ms per ResNet-18 gradient step (forward + backward, BatchNorm training mode), "
+          f"batch {batch_size}")
     print(f"{'width':>5} {'image':>5} {'stem':>8} " + " ".join(f"{impl:>9}" for impl in args.impls))
     for width in args.widths:
         for size in args.sizes:
-            times = time_network(width, size, args.batch_size, args.impls, args.repeats)
+            times = time_network(width, size, batch_size, args.impls, args.repeats)
             stem = "imagenet" if size >= 128 else "small"
             print(f"{width:5d} {size:5d} {stem:>8} " + " ".join(f"{times[i]:9.1f}" for i in args.impls),
                   flush=True)

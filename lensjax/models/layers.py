@@ -15,31 +15,40 @@ SAME padding, same strides):
              was measured too; it is itself a convolution and was 3-10x slower
              than "xla" on CPU, so it is not used.)
   "auto"     decided per layer at trace time by `choose_conv_impl`: "xla" on
-             GPU/TPU; on CPU "patches" unless the kernel is spatial (kh*kw > 1)
-             and 1 < cin < 32, where "xla" is used.
+             GPU/TPU; on CPU "patches" for 1x1 kernels (plain matmuls), a
+             single input channel (the stem), strides > 1, cin >= 512, or output
+             maps of at most 4 pixels (2x2); "xla" for every other convolution.
 
-Evidence for the CPU rule (2-core CPU, jax 0.10.2, batch 32, jitted fwd+bwd of
-one conv, ms; "patches" = slices + matmul):
+Evidence for the CPU rule (2-core x86-64 CPU shared with other jobs, load
+average ~3.9, jax 0.10.2; jitted fwd+bwd of one conv at the shapes and batch
+sizes of the benchmarked networks, best of 5 interleaved runs, ms; from
+`python experiments/benchmarks/bench_conv.py --layers`):
 
-  3x3 stride 1      input      xla  patches     1x1 / stem          xla  patches
-  64x64   cin=8                 13      43      1x1  64x64 16->64   176     27
-  32x32   cin=16                 8      20      1x1  64x64 64->16   118     24
-  75x75   cin=16                49     119      1x1 s2 32x32 64->128 16      5
-  64x64   cin=24               122     152      3x3 64x64 1->64     128     17
-  64x64   cin=32               233     200      7x7 s2 150x150 1->64 265    88
-  16x16   cin=32                 9       6
-  64x64   cin=64              1321     486
-  38x38   cin=64               796     189
-  16x16   cin=256              299     255
-  2x2     cin=512              800      13
+  batch  input    cin->cout  k s    xla  patches     batch  input    cin->cout  k s    xla  patches
+    8    64x64     1->64     3 1    8.0     4.6        16  150x150    1->64     7 2  112.8    93.7
+    8    64x64    64->64     3 1  105.5   194.6        16   38x38    64->64     3 1  101.0   181.4
+    8    64x64    64->128    3 2   78.0    54.3        16   38x38    64->128    3 2   52.8    45.1
+    8    64x64    64->128    1 2   28.8     6.7        16   19x19   128->128    3 1   57.5    87.4
+    8    32x32   128->128    3 1  152.6   150.6        16   10x10   256->256    3 1   61.6    66.4
+    8    32x32   128->256    3 2   58.0    45.7        16    5x5    512->512    3 1   83.1    59.5
+    8    16x16   256->256    3 1   63.8    76.6         2  152x152   32->32     3 1   43.5    70.3
+    8    16x16   256->512    3 2   41.2    41.5         2  152x152   64->32     3 1   86.3   237.1
+    8     8x8    512->512    3 1  112.1    85.8         2  152x152   32->32     3 2   12.7    15.1
+   64    16x16    16->16     3 1    9.6    11.0         2   76x76    64->64     3 1   33.2    45.0
+   64    16x16    16->32     3 2    2.9     3.0         2   38x38    64->64     3 1    5.4    10.2
+   64     8x8     32->32     3 1    3.1     5.2         2   19x19   128->128    3 1    5.5     6.9
+   64     4x4     64->64     3 1    2.9     5.4        32   64x64    64->64     3 1  655.0   923.4
+   64     4x4     64->128    3 2   14.6     2.3        32   16x16   256->256    3 1  448.7   393.5
+   64     2x2    128->128    3 1   22.7     2.4
 
-So the deciding quantity on this CPU is the input channel count, not the
-spatial size: narrow spatial convolutions (cin 2..31) are the only ones where
-XLA's convolution wins; 1x1 convs (pure matmuls), the single-channel stem and
-everything with cin >= 32 are faster as patches. Whole-network timings
-(experiments/benchmarks/bench_conv.py, ResNet-18 train step fwd+bwd, batch 32):
-see the table in that script's docstring; "auto" is the fastest or within noise
-of the fastest in every case measured.
+XLA:CPU runs stride-1 convolutions through its own convolution kernels, which
+beat im2col for every map of 4x4 pixels and more up to cin 256 (im2col writes
+kh*kw copies of the input); strided convolutions (whose gradients are dilated
+convolutions), 1x1 convolutions, the single-channel stem, the 512-channel stage
+and 2x2 maps are faster as patches. "auto" picks the faster implementation or
+one within 20% of it in every row. (An earlier rule, "patches" for every
+cin >= 32, lost 1.1-1.3x on whole ResNet-18 and UNet train steps against this
+one; `bench_train.py` times the networks.)
 """
 
 from __future__ import annotations
