@@ -1,0 +1,141 @@
+"""Input pipeline cost: training steps/s with the simulated stream vs with one constant batch.
+
+Runs the demo classifier's real training step (configs/demo_classifier.py:
+ResNet-18 width 16, 64 x 64 simulated Model II lenses, batch 64; built with
+lensjax.train.init_state / make_train_step / jit_train_step, metrics merged
+every step as in the loop) fed two ways, in alternating timed rounds:
+
+  stream    `lensjax.data.pipeline.train_iterator`, a fresh simulated batch per step
+            (generated on device in its own jit, dispatched asynchronously);
+  constant  the first batch of that stream, reused every step.
+
+It also times the stream alone (batches/s without training), which says how much
+generation work the stream adds. Generation and the step run on the same
+devices: on a GPU the simulator's batch is a small fraction of a step and
+overlaps with it; on a CPU both share the same cores, so the stream can only be
+free if the step leaves cores idle.
+
+    python experiments/benchmarks/bench_pipeline.py               # ~1-2 minutes on 2 cores
+    python experiments/benchmarks/bench_pipeline.py --quick       # < 1 minute
+    python experiments/benchmarks/bench_pipeline.py --config configs/common_resnet18.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import platform
+import statistics
+import sys
+import time
+
+import jax
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+
+from lensjax import parallel, tasks, train  # noqa: E402
+from lensjax.data import pipeline  # noqa: E402
+
+DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "configs",
+                              "demo_classifier.py")
+
+
+def load_config(path: str, arg: str | None = None):
+    """config = get_config(arg) of a configs/*.py file."""
+    spec = importlib.util.spec_from_file_location("bench_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+def build(config):
+    """(step(state, batch, step_index) -> state, initial state, mesh) of the real loop."""
+    task = tasks.get_task(config.task)
+    mesh = parallel.make_mesh(config.get("num_devices") or None)
+    graphdef, state, tx = train.init_state(config, task)
+    metrics_class = train._train_metrics_class(tuple(task.AUX_METRICS))
+    step_fn, shardings = train.jit_train_step(
+        train.make_train_step(graphdef, task, tx, config, metrics_class), state, mesh, config)
+    state = jax.device_put(state, shardings)
+    root = jax.random.key(config.seed)
+    metrics_holder = {"metrics": None}
+
+    def step(state, batch, index: int):
+        state, step_metrics = step_fn(state, batch, jax.random.fold_in(root, index))
+        merged = metrics_holder["metrics"]
+        metrics_holder["metrics"] = step_metrics if merged is None else merged.merge(step_metrics)
+        return state
+
+    return step, state, mesh
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=DEFAULT_CONFIG, help="a configs/*.py file")
+    parser.add_argument("--config-arg", default=None, help="its get_config argument")
+    parser.add_argument("--rounds", type=int, default=5, help="alternating timed rounds")
+    parser.add_argument("--steps", type=int, default=10, help="training steps per round")
+    parser.add_argument("--quick", action="store_true", help="3 rounds of 4 steps")
+    args = parser.parse_args(argv)
+    rounds, steps = (3, 4) if args.quick else (args.rounds, args.steps)
+
+    config = load_config(args.config, args.config_arg)
+    step, state, mesh = build(config)
+    stream = pipeline.train_iterator(config, mesh, 0)
+    constant = jax.block_until_ready(next(stream))
+    holder = {"state": state, "index": 0}
+
+    def train_round(feed) -> float:
+        """Seconds per step over `steps` steps fed by `feed()`."""
+        state, index = holder["state"], holder["index"]
+        start = time.perf_counter()
+        for _ in range(steps):
+            state = step(state, feed(), index)
+            index += 1
+        jax.block_until_ready(state)
+        holder["state"], holder["index"] = state, index
+        return (time.perf_counter() - start) / steps
+
+    def generate_round() -> float:
+        """Seconds per batch of the stream alone."""
+        start = time.perf_counter()
+        for _ in range(steps):
+            batch = next(stream)
+        jax.block_until_ready(batch)
+        return (time.perf_counter() - start) / steps
+
+    feeds = {"stream": lambda: next(stream), "constant": lambda: constant}
+    for feed in feeds.values():  # compile and warm up both paths
+        train_round(feed)
+    generate_round()
+    times = {"stream": [], "constant": [], "generate": []}
+    for _ in range(rounds):
+        for name, feed in feeds.items():
+            times[name].append(train_round(feed))
+        times["generate"].append(generate_round())
+    median = {name: statistics.median(values) for name, values in times.items()}
+
+    device = jax.devices()[0]
+    batch = config.train.batch_size
+    print(f"input pipeline benchmark | {os.path.basename(args.config)} ({config.model.name}, "
+          f"{config.data.source}:{config.data.get('preset', '')}, batch {batch}) | jax "
+          f"{jax.__version__} | {device.platform}: {device.device_kind} x{mesh.size} | "
+          f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores | "
+          f"{rounds} rounds of {steps} steps, medians | load average {os.getloadavg()[0]:.2f}")
+    header = f"{'feed':<26} {'ms/step':>9} {'steps/s':>9} {'images/s':>9}"
+    print(header)
+    print("-" * len(header))
+    for name, label in (("constant", "constant batch"), ("stream", "simulated stream"),
+                        ("generate", "stream alone (no training)")):
+        seconds = median[name]
+        print(f"{label:<26} {1e3 * seconds:9.1f} {1 / seconds:9.2f} {batch / seconds:9.1f}")
+    ratio = median["constant"] / median["stream"]
+    print(f"stream / constant steps/s: {ratio:.3f} ({100 * (1 - ratio):+.1f}% cost of the stream); "
+          f"generation alone is {100 * median['generate'] / median['constant']:.1f}% of a step")
+    print(f"load average after: {os.getloadavg()[0]:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
