@@ -188,11 +188,13 @@ def make_train_step(graphdef, task, tx, config, metrics_class) -> Callable:
 
 
 def state_shardings(state: TrainState, mesh, fsdp_min_size: int | None) -> TrainState:
+    """Shardings of a train state: replicated, or with FSDP (`fsdp_min_size`) every large
+    array of the parameters, their EMA and the optimiser state (AdamW's moments have the
+    shapes of the parameters, so they are split the same way) sharded over `data`."""
     shardings = jax.tree.map(lambda _: parallel.replicated(mesh), state)
-    shardings["params"] = parallel.param_shardings(state["params"], mesh, fsdp_min_size)
-    if "ema_params" in state:
-        shardings["ema_params"] = parallel.param_shardings(state["ema_params"], mesh,
-                                                           fsdp_min_size)
+    for name in ("params", "ema_params", "opt_state"):
+        if name in state:
+            shardings[name] = parallel.param_shardings(state[name], mesh, fsdp_min_size)
     return shardings
 
 

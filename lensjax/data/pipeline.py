@@ -34,6 +34,11 @@ def preset_from_config(data: ml_collections.ConfigDict):
     return get_preset(data.preset, **overrides)
 
 
+def pixel_scale(data: ml_collections.ConfigDict) -> float | None:
+    """Arcsec per pixel of the simulated images (for figure axes); None for files on disk."""
+    return preset_from_config(data).pixel_scale if data.source == "sim" else None
+
+
 def class_names(config: ml_collections.ConfigDict) -> tuple[str, ...]:
     """Class names of the configured data, in label order."""
     if config.data.source == "sim":

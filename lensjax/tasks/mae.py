@@ -123,8 +123,7 @@ def evaluate(config, trained, mesh, outdir: str | Path) -> dict:
     panel = panel_examples(config, trained, mesh)
     figures = {}
     if jax.process_index() == 0:
-        pixel_scale = (pipeline.preset_from_config(config.data).pixel_scale
-                       if config.data.source == "sim" else None)
+        pixel_scale = pipeline.pixel_scale(config.data)
         figures["reconstructions"] = str(plots.plot_mae_reconstructions(
             panel["image"], panel["mask"], panel["reconstruction"], outdir / "reconstructions.png",
             masked_mse=panel["masked_mse"], indices=panel["index"], pixel_scale=pixel_scale,

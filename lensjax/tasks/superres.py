@@ -145,8 +145,7 @@ def evaluate(config, trained, mesh, outdir: str | Path) -> dict:
     panel = panel_examples(config, trained, mesh)
     figures = {}
     if jax.process_index() == 0:
-        pixel_scale = (pipeline.preset_from_config(config.data).pixel_scale
-                       if config.data.source == "sim" else None)
+        pixel_scale = pipeline.pixel_scale(config.data)
         figures["superres"] = str(plots.plot_superres_panel(
             panel["lr"], panel["bicubic"], panel["sr"], panel["hr"], outdir / "superres.png",
             psnr=panel["psnr"], bicubic_psnr=panel["bicubic_psnr"], indices=panel["index"],
