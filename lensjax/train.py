@@ -206,6 +206,14 @@ def jit_train_step(train_step, state, mesh, config):
                    donate_argnums=(0,)), shardings
 
 
+def build_train_step(graphdef, task, tx, config, state, mesh):
+    """The jitted step of `task` as the training loop runs it (clu metrics of the loss and
+    the task's AUX_METRICS, explicit shardings, donated state): (step_fn, state shardings)."""
+    metrics_class = _train_metrics_class(tuple(task.AUX_METRICS))
+    return jit_train_step(make_train_step(graphdef, task, tx, config, metrics_class),
+                          state, mesh, config)
+
+
 def eval_model(graphdef: nnx.GraphDef, state: TrainState, use_ema: bool = True) -> nnx.Module:
     """The model of a train state in eval mode, with its EMA parameters when it has them."""
     params = state["ema_params"] if use_ema and "ema_params" in state else state["params"]
@@ -362,9 +370,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 
     # --- model, optimiser, state ---------------------------------------------------
     graphdef, state, tx = init_state(config, task)
-    metrics_class = _train_metrics_class(tuple(task.AUX_METRICS))
-    step_fn, shardings = jit_train_step(make_train_step(graphdef, task, tx, config, metrics_class),
-                                        state, mesh, config)
+    step_fn, shardings = build_train_step(graphdef, task, tx, config, state, mesh)
     latest = checkpointing.latest_manager(workdir, keep=config.train.keep_checkpoints)
     metric_name, metric_mode = task.SELECTION_METRIC
     best = checkpointing.best_manager(workdir, metric_name, metric_mode)

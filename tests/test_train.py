@@ -50,9 +50,7 @@ def test_sharded_step_matches_single_device_step():
         mesh = parallel.make_mesh(num_devices)
         graphdef, state, _ = train.init_state(config, task, tx)
         initial = _params(state)
-        metrics_class = train._train_metrics_class(task.AUX_METRICS)
-        step_fn, shardings = train.jit_train_step(
-            train.make_train_step(graphdef, task, tx, config, metrics_class), state, mesh, config)
+        step_fn, shardings = train.build_train_step(graphdef, task, tx, config, state, mesh)
         state = jax.device_put(state, shardings)
         batches = pipeline.train_iterator(config, mesh)
         losses = []
@@ -82,9 +80,7 @@ def test_fsdp_shards_params_and_optimizer_state_and_matches_replicated_step():
         config.mesh.fsdp_min_size = fsdp_min_size
         graphdef, state, _ = train.init_state(config, task, tx)
         initial = _params(state)
-        metrics_class = train._train_metrics_class(task.AUX_METRICS)
-        step_fn, shardings = train.jit_train_step(
-            train.make_train_step(graphdef, task, tx, config, metrics_class), state, mesh, config)
+        step_fn, shardings = train.build_train_step(graphdef, task, tx, config, state, mesh)
         state = jax.device_put(state, shardings)
         state, _ = step_fn(state, next(pipeline.train_iterator(config, mesh)), jax.random.key(0))
         results[fsdp_min_size] = (_params(state), state)

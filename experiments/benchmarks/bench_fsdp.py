@@ -109,9 +109,7 @@ def run_fsdp_step(variant: str, fsdp_min_size: int) -> tuple[float, float, dict,
     config = vit_config(variant, NUM_DEVICES, fsdp_min_size)
     mesh = parallel.make_mesh(NUM_DEVICES)
     graphdef, state, tx = train.init_state(config, task)
-    metrics_class = train._train_metrics_class(tuple(task.AUX_METRICS))
-    step_fn, shardings = train.jit_train_step(
-        train.make_train_step(graphdef, task, tx, config, metrics_class), state, mesh, config)
+    step_fn, shardings = train.build_train_step(graphdef, task, tx, config, state, mesh)
     state = jax.device_put(state, shardings)
     rng = np.random.default_rng(0)
     batch = {"image": rng.uniform(size=(NUM_DEVICES, IMAGE_SIZE, IMAGE_SIZE, 1)).astype(np.float32),

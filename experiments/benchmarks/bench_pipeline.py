@@ -2,7 +2,7 @@
 
 Runs the demo classifier's real training step (configs/demo_classifier.py:
 ResNet-18 width 16, 64 x 64 simulated Model II lenses, batch 64; built with
-lensjax.train.init_state / make_train_step / jit_train_step, metrics merged
+lensjax.train.init_state and build_train_step, metrics merged
 every step as in the loop) fed two ways, in alternating timed rounds:
 
   stream    `lensjax.data.pipeline.train_iterator`, a fresh simulated batch per step
@@ -54,9 +54,7 @@ def build(config):
     task = tasks.get_task(config.task)
     mesh = parallel.make_mesh(config.get("num_devices") or None)
     graphdef, state, tx = train.init_state(config, task)
-    metrics_class = train._train_metrics_class(tuple(task.AUX_METRICS))
-    step_fn, shardings = train.jit_train_step(
-        train.make_train_step(graphdef, task, tx, config, metrics_class), state, mesh, config)
+    step_fn, shardings = train.build_train_step(graphdef, task, tx, config, state, mesh)
     state = jax.device_put(state, shardings)
     root = jax.random.key(config.seed)
     metrics_holder = {"metrics": None}

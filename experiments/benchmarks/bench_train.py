@@ -1,7 +1,7 @@
 """Training throughput: the lensjax train step vs a PyTorch reference of the same network.
 
-For each case the real lensjax step (`lensjax.train.init_state`, `make_train_step`,
-`jit_train_step`: AdamW with warmup-cosine schedule, gradient clipping, weight
+For each case the real lensjax step (`lensjax.train.init_state`, `build_train_step`,
+as the loop runs it: AdamW with warmup-cosine schedule, gradient clipping, weight
 decay on kernels, donated state) and an eager PyTorch step of the same
 architecture, batch, precision and optimiser (torch.optim.AdamW with the same
 decay mask, clip_grad_norm_, the same schedule) train on one fixed batch.
@@ -170,9 +170,7 @@ def build_lensjax(case: Case, batch_size: int, dtype: str):
     task = lensjax_task(case.kind)
     mesh = parallel.make_mesh(int(os.environ.get("BENCH_DEVICES", "1")))
     graphdef, state, tx = train.init_state(config, task)
-    metrics_class = train._train_metrics_class(tuple(task.AUX_METRICS))
-    step_fn, shardings = train.jit_train_step(
-        train.make_train_step(graphdef, task, tx, config, metrics_class), state, mesh, config)
+    step_fn, shardings = train.build_train_step(graphdef, task, tx, config, state, mesh)
     state = jax.device_put(state, shardings)
     batch = jax.device_put(fixed_batch(case, batch_size), parallel.batch_sharding(mesh))
     root = jax.random.key(config.seed)

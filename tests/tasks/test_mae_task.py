@@ -77,10 +77,7 @@ def test_linear_probe_trains_the_head_only(load_config, pretrained_mae, tmp_path
     assert config.train.frozen == "^encoder/"
     graphdef, state, tx, shardings, mesh, _ = _start(config, tmp_path)
     task = tasks.get_task(config.task)
-    step_fn, _ = train.jit_train_step(
-        train.make_train_step(graphdef, task, tx, config,
-                              train._train_metrics_class(tuple(task.AUX_METRICS))),
-        state, mesh, config)
+    step_fn, _ = train.build_train_step(graphdef, task, tx, config, state, mesh)
     rng = np.random.default_rng(0)
     batch = {"image": rng.uniform(size=(16, 64, 64, 1)).astype(np.float32),
              "label": (np.arange(16) % 3).astype(np.int32)}
