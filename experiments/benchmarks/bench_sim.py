@@ -4,7 +4,8 @@ Both sides draw the same DeepLenseSim recipe (Recipe A in the README): SIE +
 external shear + point-mass subhaloes, elliptical Sersic source, Gaussian PSF
 and the recipe's noise. lenstronomy builds its LensModel / ImageModel per image,
 as the published DeepLenseSim code does (the lens-model list changes with the
-class and number of subhaloes). Ratios are measured in the same run.
+class and number of subhaloes). Ratios are measured in the same run: each case
+alternates `--rounds` lensjax and lenstronomy windows and compares the medians.
 
     make bench                                   # full table (model_i 150 px, model_ii 64 px)
     python experiments/benchmarks/bench_sim.py --skip-lenstronomy --batch-size 4096   # GPU box
@@ -18,6 +19,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import sys
 import time
 
@@ -38,10 +40,15 @@ CASES = (("model_i", "no_sub"), ("model_i", "cdm"), ("model_i", "axion"),
 # lensjax
 # ----------------------------------------------------------------------------
 
-def time_lensjax(preset, label: str, batch_size: int, min_seconds: float) -> float:
-    """Images/s of preset.sample for one class (compile excluded, results blocked on)."""
-    key = jax.random.key(0)
-    jax.block_until_ready(preset.sample(key, batch_size, label=label))  # compile
+def time_lensjax(preset, label: str, batch_size: int, min_seconds: float, round_index: int = 0
+                 ) -> float:
+    """Images/s of preset.sample for one class (compile excluded, results blocked on).
+
+    Every call draws new images (its own key and start index); the warm-up takes
+    the same path, so the key derivation is compiled before the clock starts too.
+    """
+    key = jax.random.fold_in(jax.random.key(0), round_index)
+    jax.block_until_ready(preset.sample(jax.random.fold_in(key, 0), batch_size, label=label))
     calls, start = 0, time.perf_counter()
     while True:
         out = preset.sample(jax.random.fold_in(key, calls + 1), batch_size, label=label,
@@ -126,8 +133,9 @@ def lenstronomy_image(preset: DeepLenseSimRecipe, label: str, rng: np.random.Gen
     return image
 
 
-def time_lenstronomy(preset, label: str, min_seconds: float) -> float:
-    rng = np.random.default_rng(0)
+def time_lenstronomy(preset, label: str, min_seconds: float, round_index: int = 0) -> float:
+    """Images/s of `lenstronomy_image`, one image after another."""
+    rng = np.random.default_rng(round_index)
     lenstronomy_image(preset, label, rng)  # imports and caches out of the timing
     count, start = 0, time.perf_counter()
     while True:
@@ -146,7 +154,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-size", type=int, default=256,
                         help="lensjax images per call (default 256; use thousands on a GPU)")
-    parser.add_argument("--seconds", type=float, default=5.0, help="minimum timing window per case")
+    parser.add_argument("--seconds", type=float, default=6.0,
+                        help="timing per case and side, split over --rounds windows (default 6)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="alternating lensjax / lenstronomy windows per case; the table gives "
+                             "the median of each side (default 3)")
     parser.add_argument("--skip-lenstronomy", action="store_true",
                         help="time lensjax only (e.g. on a GPU box without lenstronomy)")
     parser.add_argument("--cases", default="all",
@@ -156,18 +168,33 @@ def main(argv=None) -> int:
 
     cases = CASES if args.cases == "all" else tuple(
         tuple(c.split(":")) for c in args.cases.split(","))
+    for case in cases:
+        if len(case) != 2 or case not in CASES:
+            parser.error(f"--cases: unknown case {':'.join(case)!r}; valid: "
+                         + ", ".join(f"{p}:{c}" for p, c in CASES))
+    if args.rounds < 1 or args.seconds <= 0:
+        parser.error("--rounds must be >= 1 and --seconds > 0")
     device = jax.devices()[0]
     print(f"lensjax simulator benchmark | jax {jax.__version__} | {device.platform}: "
           f"{device.device_kind} x{jax.device_count()} | {platform.processor() or platform.machine()} "
-          f"{os.cpu_count()} cores | batch {args.batch_size}")
+          f"{os.cpu_count()} cores | batch {args.batch_size} | {args.rounds} rounds of "
+          f"{args.seconds / args.rounds:.1f} s per side, medians")
     header = f"{'preset':<9} {'class':<7} {'px':>4} {'lensjax img/s':>14} {'lenstronomy img/s':>18} {'ratio':>7}"
     print(header)
     print("-" * len(header))
     rows = []
     for preset_name, label in cases:
         preset = get_preset(preset_name)
-        ours = time_lensjax(preset, label, args.batch_size, args.seconds)
-        ref = None if args.skip_lenstronomy else time_lenstronomy(preset, label, args.seconds)
+        # Alternating windows, so that a slow spell of a shared machine hits both
+        # sides alike; the medians drop a window that one of them caught alone.
+        window = args.seconds / args.rounds
+        ours_rounds, ref_rounds = [], []
+        for r in range(args.rounds):
+            ours_rounds.append(time_lensjax(preset, label, args.batch_size, window, r))
+            if not args.skip_lenstronomy:
+                ref_rounds.append(time_lenstronomy(preset, label, window, r))
+        ours = statistics.median(ours_rounds)
+        ref = statistics.median(ref_rounds) if ref_rounds else None
         ratio = None if ref is None else ours / ref
         rows.append(dict(preset=preset_name, label=label, num_pix=preset.num_pix,
                          lensjax_img_per_s=ours, lenstronomy_img_per_s=ref, ratio=ratio,

@@ -153,13 +153,17 @@ def poisson_from_uniform(u: Array, rate: Array, z: Array | None = None,
     if resolution is None:
         resolution = float(jnp.finfo(u.dtype).eps)
 
-    # Unrolled with constant 1/k: 4x faster on XLA:CPU than a fori_loop.
-    prob = jnp.exp(-rate_small)
-    cdf, count = prob, jnp.zeros_like(u)
+    # X = #{k : u > CDF(k)}, with both sides scaled by e^rate: u e^rate against
+    # the partial sums of rate^j / j!. Unrolled with constant 1/k! (4x faster on
+    # XLA:CPU than a fori_loop) and an integer count: four operations per step.
+    scaled_u = u * jnp.exp(rate_small)
+    power, partial_sum = jnp.ones_like(u), jnp.ones_like(u)
+    count = jnp.zeros(u.shape, jnp.int32)
     for k in range(1, _inversion_steps(resolution) + 1):
-        count = count + (u > cdf).astype(u.dtype)
-        prob = prob * rate_small * (1.0 / k)
-        cdf = cdf + prob
+        count = count + (scaled_u > partial_sum).astype(jnp.int32)
+        power = power * rate_small
+        partial_sum = partial_sum + power * np.asarray(1.0 / math.factorial(k), u.dtype)
+    count = count.astype(u.dtype)
     if z is None:
         z = uniform_to_normal(u)
     rate_big = jnp.maximum(rate, POISSON_INVERSION_MAX_RATE)
