@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     batch, repeats = args.batch_size, args.repeats
     print(f"# jax {jax.__version__}, {jax.default_backend()}, {os.cpu_count()} CPUs, load average "
-          f"{os.getloadavg()[0]:.2f}; batch {batch}, best of {repeats}; ms per 150 x 150 image")
+          f"{os.getloadavg()[0]:.2f}; batch {batch}, best of {repeats}; ms per 150 x 150 image; "
+          f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
     key_data = jax.random.key_data(jax.random.key(0))
     n = batch * PIXELS // 2
     fns = {name: jax.jit(lambda k, f=f: f(k, n))

@@ -178,7 +178,8 @@ def main(argv=None) -> int:
     print(f"lensjax simulator benchmark | jax {jax.__version__} | {device.platform}: "
           f"{device.device_kind} x{jax.device_count()} | {platform.processor() or platform.machine()} "
           f"{os.cpu_count()} cores | batch {args.batch_size} | {args.rounds} rounds of "
-          f"{args.seconds / args.rounds:.1f} s per side, medians")
+          f"{args.seconds / args.rounds:.1f} s per side, medians | "
+          f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
     header = f"{'preset':<9} {'class':<7} {'px':>4} {'lensjax img/s':>14} {'lenstronomy img/s':>18} {'ratio':>7}"
     print(header)
     print("-" * len(header))

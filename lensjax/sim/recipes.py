@@ -149,13 +149,48 @@ def _sample(preset: Preset, key: Array, batch_size: int, static_label: int | Non
         labels = jnp.full((batch_size,), static_label, jnp.int32)
     keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(indices)
 
-    def simulate(args):
-        return preset.simulate_example(*args, static_label)
+    if static_label is None:
+        images, params = _simulate_balanced(preset, keys, labels, start_index)
+    else:
+        images, params = _simulate_one_class(preset, keys, static_label)
+    return images[..., None], labels.astype(jnp.int32), params
+
+
+def _simulate_one_class(preset: Preset, keys: Array, static_label: int) -> tuple[Array, Params]:
+    """Examples of one class, (B,) keys -> images (B, H, W) and params."""
+    label = jnp.int32(static_label)
+
+    def simulate(key):
+        return preset.simulate_example(key, label, static_label)
 
     # On CPU a few examples at a time, so that intermediates stay in cache
     # (a whole-batch pass over each (B, H, W) array is memory-bound there).
-    images, params = jax.lax.map(simulate, (keys, labels), batch_size=_chunk_size(batch_size))
-    return images[..., None], labels.astype(jnp.int32), params
+    return jax.lax.map(simulate, keys, batch_size=_chunk_size(keys.shape[0]))
+
+
+def _simulate_balanced(preset: Preset, keys: Array, labels: Array, start_index: Array
+                       ) -> tuple[Array, Params]:
+    """The balanced class cycle (example i has class i mod C), simulated class by class.
+
+    Each class traces only its own subhaloes: batched together, every example would
+    trace the padded subhaloes of every class (for model_ii, 2.4x the point-mass
+    work). Class c holds the examples at positions first_c + C k of the batch;
+    ceil(B / C) of them, rounded up to whole CPU chunks, are simulated per class
+    (the surplus is dropped).
+    """
+    batch_size, num_classes = keys.shape[0], preset.num_classes
+    group = -(-batch_size // num_classes)
+    if jax.default_backend() == "cpu":
+        chunk = min(CPU_CHUNK_SIZE, group)
+        group = -(-group // chunk) * chunk
+    firsts = (jnp.arange(num_classes, dtype=jnp.int32) - start_index) % num_classes
+    outputs = []
+    for cls in range(num_classes):
+        positions = jnp.minimum(firsts[cls] + num_classes * jnp.arange(group, dtype=jnp.int32),
+                                batch_size - 1)
+        outputs.append(_simulate_one_class(preset, keys[positions], cls))
+    rank = (jnp.arange(batch_size, dtype=jnp.int32) - firsts[labels]) // num_classes
+    return jax.tree.map(lambda *per_class: jnp.stack(per_class)[labels, rank], *outputs)
 
 
 # The noise of example i uses fold_in(key_i, _NOISE_STREAM); its priors use splits of key_i.
@@ -222,8 +257,9 @@ def _select_masses(label: Array, static_label: int | None,
 
     if static_label is not None:
         if static_label not in candidates:
-            empty = tuple(jnp.zeros((0,), jnp.float32) for _ in range(3))
-            zeros = tuple(jnp.zeros((pad_to,), jnp.float32) for _ in range(3))
+            dtype = next(iter(candidates.values()))[0].dtype
+            empty = tuple(jnp.zeros((0,), dtype) for _ in range(3))
+            zeros = tuple(jnp.zeros((pad_to,), dtype) for _ in range(3))
             return empty, zeros
         chosen = candidates[static_label]
         return chosen, padded(chosen)

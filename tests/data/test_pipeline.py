@@ -97,6 +97,22 @@ def test_selection_heldout_and_train_streams_differ():
     assert not np.allclose(first["heldout"], train_batch)
 
 
+@pytest.mark.parametrize("normalization", ["none", "minmax"])
+def test_one_device_stream_equals_the_eight_device_stream(normalization):
+    """On one CPU device the stream simulates eagerly (the batch split over host threads)
+    and transforms in a jit; on 8 devices everything runs in one sharded jit. Both give
+    the same train batches (balanced classes, augmentation on), step by step."""
+    config = _sim_config(normalization=normalization, augment=True)
+    one = pipeline.train_iterator(config, parallel.make_mesh(1), start_step=3)
+    eight = pipeline.train_iterator(config, parallel.make_mesh(), start_step=3)
+    for _ in range(2):
+        a, b = next(one), next(eight)
+        assert a["image"].sharding.mesh.size == 1 and b["image"].sharding.mesh.size == 8
+        np.testing.assert_array_equal(parallel.to_host(a["label"]), parallel.to_host(b["label"]))
+        np.testing.assert_allclose(parallel.to_host(a["image"]), parallel.to_host(b["image"]),
+                                   rtol=1e-6, atol=1e-6)
+
+
 def test_superres_stream_gives_pairs():
     config = _sim_config()
     config.data.preset = "superres"

@@ -130,6 +130,28 @@ def test_forced_label_reproduces_the_balanced_examples(batches):
                                atol=1e-6 * images[1].max())
 
 
+@pytest.mark.parametrize("preset_name, start_index, batch", [("model_ii", 5, 7), ("common_test", 0, 9)])
+def test_balanced_batch_equals_its_examples_simulated_one_class_at_a_time(preset_name, start_index,
+                                                                           batch):
+    """A balanced batch is simulated class by class (each class traces only its own
+    subhaloes); every example equals the same index drawn with its class forced,
+    for a start index and batch size that do not line up with the class cycle."""
+    preset = get_preset(preset_name)
+    key = jax.random.key(11)
+    images, labels, params = preset.sample(key, batch, start_index=start_index)
+    expected_labels = (start_index + np.arange(batch)) % preset.num_classes
+    np.testing.assert_array_equal(np.asarray(labels), expected_labels)
+    for i in range(batch):
+        one, one_label, one_params = preset.sample(key, 1, label=int(expected_labels[i]),
+                                                   start_index=start_index + i)
+        assert int(one_label[0]) == expected_labels[i]
+        np.testing.assert_allclose(np.asarray(images[i]), np.asarray(one[0]), rtol=1e-6,
+                                   atol=1e-6 * float(np.abs(one[0]).max()), err_msg=f"example {i}")
+        for name, value in params.items():
+            np.testing.assert_allclose(np.asarray(value[i]), np.asarray(one_params[name][0]),
+                                       rtol=1e-6, err_msg=f"{name} of example {i}")
+
+
 @pytest.mark.parametrize("noise", [False, True])
 def test_sharded_over_eight_devices_equals_unsharded(noise):
     """Un-normalised common_test images, so that one Poisson count is 1 / exposure_time."""
