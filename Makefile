@@ -34,6 +34,7 @@ demo: $(STAMP_RUN)
 bench: $(STAMP_BENCH)
 	$(BIN)/python experiments/benchmarks/bench_sim.py
 	$(BIN)/python experiments/benchmarks/bench_noise.py
+	$(BIN)/python experiments/benchmarks/bench_kernels.py
 	$(BIN)/python experiments/benchmarks/bench_train.py
 	$(BIN)/python experiments/benchmarks/bench_pipeline.py
 	$(BIN)/python experiments/benchmarks/bench_fsdp.py

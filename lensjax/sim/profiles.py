@@ -127,23 +127,34 @@ def deflection_point_masses(x: Array, y: Array, theta_E: Array, center_x: Array,
     domain.check_nonnegative("theta_E", theta_E)
     theta_E_sq = jnp.asarray(theta_E, dtype=x.dtype) ** 2
     masses = (theta_E_sq, jnp.asarray(center_x, x.dtype), jnp.asarray(center_y, x.dtype))
-    if point_mass_strategy() == "reduce":
+    strategy = point_mass_strategy()
+    if strategy == "reduce":
         return _point_masses_reduce(x, y, *masses)
+    if strategy == "unroll":
+        return _point_masses_unrolled(x, y, *masses)
     return _point_masses_scan(x, y, *masses)
 
 
-# "scan" keeps one (H, W) accumulator live and walks the K masses (best on CPU,
-# where a (H, W, K) intermediate thrashes the cache); "reduce" writes the sum as
-# one fused reduction over K (best on GPUs, where XLA keeps it in registers
-# instead of re-reading the accumulators once per mass). "auto" picks by backend.
+# "unroll" writes the K masses as K terms of one elementwise fusion, so both
+# accumulators stay in registers (best on CPU: 1.2-2.2x faster per pair than
+# "scan" on 64^2-210^2 grids in chunks of 4 images; the simulator keeps chunks
+# under CPU_CHUNK_PIXELS, beyond which this fusion falls out of cache). "scan"
+# keeps one (H, W) accumulator in memory and walks the masses (compiles fastest);
+# "reduce" writes the sum as one fused reduction over K (best on GPUs, where XLA
+# keeps it in registers; a (H, W, K) intermediate thrashes a CPU's cache).
+# "auto" picks "unroll" on CPU and "reduce" elsewhere.
 POINT_MASS_STRATEGY = "auto"
+POINT_MASS_STRATEGIES = ("auto", "unroll", "scan", "reduce")
 
 
 def point_mass_strategy() -> str:
-    """The point-mass summation in use: 'scan' or 'reduce'."""
+    """The point-mass summation in use: 'unroll', 'scan' or 'reduce'."""
+    if POINT_MASS_STRATEGY not in POINT_MASS_STRATEGIES:
+        raise ValueError(f"POINT_MASS_STRATEGY must be one of {POINT_MASS_STRATEGIES}, "
+                         f"got {POINT_MASS_STRATEGY!r}")
     if POINT_MASS_STRATEGY != "auto":
         return POINT_MASS_STRATEGY
-    return "scan" if jax.default_backend() == "cpu" else "reduce"
+    return "unroll" if jax.default_backend() == "cpu" else "reduce"
 
 
 def _point_masses_scan(x, y, theta_E_sq, center_x, center_y):
@@ -159,6 +170,18 @@ def _point_masses_scan(x, y, theta_E_sq, center_x, center_y):
     zeros = jnp.zeros_like(x)
     (ax, ay), _ = jax.lax.scan(add_one, (zeros, zeros), (theta_E_sq, center_x, center_y))
     return ax, ay
+
+
+def _point_masses_unrolled(x, y, theta_E_sq, center_x, center_y):
+    r2_min = _point_mass_min_radius_sq(x.dtype)
+    ax = ay = jnp.zeros_like(x)
+    for k in range(theta_E_sq.shape[0]):
+        dx, dy = x - center_x[k], y - center_y[k]
+        scale = theta_E_sq[k] / jnp.maximum(dx * dx + dy * dy, r2_min)
+        ax, ay = ax + scale * dx, ay + scale * dy
+    # Materialise the sums: otherwise XLA may copy the K-term fusion into each of
+    # its consumers and evaluate it several times.
+    return jax.lax.optimization_barrier((ax, ay))
 
 
 def _point_masses_reduce(x, y, theta_E_sq, center_x, center_y):

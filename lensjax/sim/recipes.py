@@ -165,7 +165,7 @@ def _simulate_one_class(preset: Preset, keys: Array, static_label: int) -> tuple
 
     # On CPU a few examples at a time, so that intermediates stay in cache
     # (a whole-batch pass over each (B, H, W) array is memory-bound there).
-    return jax.lax.map(simulate, keys, batch_size=_chunk_size(keys.shape[0]))
+    return jax.lax.map(simulate, keys, batch_size=_chunk_size(keys.shape[0], preset))
 
 
 def _simulate_balanced(preset: Preset, keys: Array, labels: Array, start_index: Array
@@ -181,7 +181,7 @@ def _simulate_balanced(preset: Preset, keys: Array, labels: Array, start_index: 
     batch_size, num_classes = keys.shape[0], preset.num_classes
     group = -(-batch_size // num_classes)
     if jax.default_backend() == "cpu":
-        chunk = min(CPU_CHUNK_SIZE, group)
+        chunk = min(_cpu_chunk_limit(preset), group)
         group = -(-group // chunk) * chunk
     firsts = (jnp.arange(num_classes, dtype=jnp.int32) - start_index) % num_classes
     outputs = []
@@ -224,11 +224,24 @@ def _host_workers(batch_size: int, key, start_index) -> int:
     return max([w for w in range(1, limit + 1) if batch_size % w == 0], default=1)
 
 
-def _chunk_size(batch_size: int) -> int:
+# ... and at most this many (sub-)pixels per chunk: beyond about 2^17 elements an
+# image-sized XLA:CPU fusion falls out of cache (the unrolled point-mass sum, for
+# one, is 4-5x slower per pair at 4 x 300 x 300 than at 4 x 150 x 150).
+CPU_CHUNK_PIXELS = 2**17
+
+
+def _cpu_chunk_limit(preset: Preset) -> int:
+    """Most examples per CPU chunk: CPU_CHUNK_SIZE, fewer for large (supersampled) grids."""
+    side = preset.num_pix * getattr(preset, "supersampling", 1)
+    return max(1, min(CPU_CHUNK_SIZE, CPU_CHUNK_PIXELS // (side * side)))
+
+
+def _chunk_size(batch_size: int, preset: Preset) -> int:
     """Examples simulated together: a divisor of batch_size (a remainder would compile twice)."""
     if jax.default_backend() != "cpu":
         return batch_size
-    return max(d for d in range(1, min(CPU_CHUNK_SIZE, batch_size) + 1) if batch_size % d == 0)
+    limit = min(_cpu_chunk_limit(preset), batch_size)
+    return max(d for d in range(1, limit + 1) if batch_size % d == 0)
 
 
 def _short(value: Any) -> str:

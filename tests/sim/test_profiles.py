@@ -103,7 +103,6 @@ _sis = jax.jit(jax.vmap(profiles.deflection_sis, in_axes=(None, None, 0, 0, 0)))
 _sie = jax.jit(jax.vmap(profiles.deflection_sie, in_axes=(None, None, 0, 0, 0, 0, 0)))
 _shear = jax.jit(jax.vmap(profiles.deflection_shear, in_axes=(None, None, 0, 0, 0, 0)))
 _point_mass = jax.jit(jax.vmap(profiles.deflection_point_mass, in_axes=(None, None, 0, 0, 0)))
-_point_masses = jax.jit(jax.vmap(profiles.deflection_point_masses, in_axes=(None, None, 0, 0, 0)))
 
 
 # ----------------------------------------------------------------------------
@@ -166,9 +165,11 @@ def test_point_mass_matches_lenstronomy(dtype):
                               f"POINT_MASS draw {i}")
 
 
+@pytest.mark.parametrize("strategy", ["unroll", "scan", "reduce"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_padded_point_masses_match_lenstronomy_sum(dtype):
-    """The padded lax.scan sum of point masses equals lenstronomy's sum of 'POINT_MASS' terms.
+def test_padded_point_masses_match_lenstronomy_sum(dtype, strategy, monkeypatch):
+    """The padded sum of point masses equals lenstronomy's sum of 'POINT_MASS' terms,
+    for each summation strategy (unrolled terms, lax.scan, fused reduction).
 
     Each draw has K = 12 slots of which 2..10 hold masses (subhalo-like theta_E
     0.005..0.3") at random slots; the rest are zero-mass padding whose centres
@@ -186,7 +187,11 @@ def test_padded_point_masses_match_lenstronomy_sum(dtype):
     theta_e, cx, cy = _as_dtype((theta_e, cx, cy), dtype)
     x, y = _as_dtype(_points(), dtype)
     assert np.any((x == 0) & (y == 0)), "the point set should contain the padding centre (0, 0)"
-    ax, ay = _call(_point_masses, dtype, x, y, theta_e, cx, cy)
+    monkeypatch.setattr(profiles, "POINT_MASS_STRATEGY", strategy)
+    assert profiles.point_mass_strategy() == strategy
+    # A fresh jit: the strategy is read when the function is traced.
+    point_masses = jax.jit(jax.vmap(profiles.deflection_point_masses, in_axes=(None, None, 0, 0, 0)))
+    ax, ay = _call(point_masses, dtype, x, y, theta_e, cx, cy)
     assert np.all(np.isfinite(ax)) and np.all(np.isfinite(ay))
     for i in range(NUM_DRAWS):
         real = theta_e[i] > 0
@@ -196,6 +201,12 @@ def test_padded_point_masses_match_lenstronomy_sum(dtype):
         _assert_vectors_close(ax[i], ay[i], rx, ry, RTOL[dtype],
                               _far_from(x, y, cx[i, real], cy[i, real]),
                               f"point masses draw {i}")
+
+
+def test_unknown_point_mass_strategy_names_the_valid_ones(monkeypatch):
+    monkeypatch.setattr(profiles, "POINT_MASS_STRATEGY", "fast")
+    with pytest.raises(ValueError, match="unroll"):
+        profiles.point_mass_strategy()
 
 
 def test_padded_point_masses_all_zero_is_zero():

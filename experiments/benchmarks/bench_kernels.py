@@ -1,0 +1,117 @@
+"""Where the train-step gap to PyTorch comes from on CPU: single kernels, XLA vs PyTorch.
+
+Times, for both frameworks in the same run (alternating, best of `--repeats`):
+  - a 3 x 3, stride-1, "same" convolution at each stage of the stride-1 ResNet-18
+    of bench_train.py (`resnet18_64`: batch 8, maps 64 / 32 / 16 / 8 px with 64 /
+    128 / 256 / 512 channels), forward alone and forward + both gradients;
+  - float32 matmuls: a square one and the shapes of the ViT-S MAE step
+    (544 tokens x 384 features, batch 32 x 17 visible tokens).
+It prints GFLOP/s of each side and their ratio, so the train-step ratios of
+bench_train.py can be traced to the kernels that cause them. lensjax's own
+convolution (`lensjax.models.layers.Conv`, "auto") uses XLA's convolution for
+all of these layer shapes on CPU.
+
+    python experiments/benchmarks/bench_kernels.py            # about 1 minute on 2 cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+
+# (batch, map size, channels) of the 3 x 3 convolutions of resnet18_64, one per stage.
+CONV_SHAPES = ((8, 64, 64), (8, 32, 128), (8, 16, 256), (8, 8, 512))
+# (m, k, n) float32 matmuls: square, then ViT-S MAE encoder shapes (qkv and MLP).
+MATMUL_SHAPES = ((1024, 1024, 1024), (544, 384, 1152), (544, 384, 1536), (544, 1536, 384))
+
+
+def best_seconds(fn, repeats: int) -> float:
+    """Best wall time of fn() over `repeats` calls after one warm-up call."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def jax_conv_fns(batch: int, size: int, channels: int):
+    x = jax.random.normal(jax.random.key(0), (batch, size, size, channels))
+    w = jax.random.normal(jax.random.key(1), (3, 3, channels, channels)) * 0.05
+    numbers = ("NHWC", "HWIO", "NHWC")
+
+    def conv(x, w):
+        return jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=numbers)
+
+    forward = jax.jit(conv)
+    both = jax.jit(jax.grad(lambda x, w: jnp.sum(jnp.square(conv(x, w))), argnums=(0, 1)))
+    return (lambda: jax.block_until_ready(forward(x, w)),
+            lambda: jax.block_until_ready(both(x, w)))
+
+
+def torch_conv_fns(torch, batch: int, size: int, channels: int):
+    layer = torch.nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+    x = torch.randn(batch, channels, size, size)
+    x_grad = x.clone().requires_grad_(True)
+
+    def forward():
+        with torch.no_grad():
+            layer(x)
+
+    def both():
+        layer.zero_grad(set_to_none=True)
+        x_grad.grad = None
+        layer(x_grad).square().sum().backward()
+    return forward, both
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="PyTorch intra-op threads (default: the cores JAX may use)")
+    args = parser.parse_args(argv)
+    import torch  # benchmark-only reference (requirements-bench.txt)
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    torch.set_num_threads(args.threads or cores)
+    print(f"# jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__} with "
+          f"{torch.get_num_threads()} threads, {platform.machine()} {cores} cores, load average "
+          f"{os.getloadavg()[0]:.2f}; float32, best of {args.repeats}")
+    print(f"{'kernel':<40} {'XLA ms':>8} {'torch ms':>9} {'XLA GFLOP/s':>12} "
+          f"{'torch GFLOP/s':>14} {'XLA / torch':>12}")
+
+    def row(name, flops, ours, theirs):
+        t_ours, t_theirs = best_seconds(ours, args.repeats), best_seconds(theirs, args.repeats)
+        print(f"{name:<40} {t_ours * 1e3:8.2f} {t_theirs * 1e3:9.2f} {flops / t_ours / 1e9:12.1f} "
+              f"{flops / t_theirs / 1e9:14.1f} {t_theirs / t_ours:11.2f}x", flush=True)
+
+    for batch, size, channels in CONV_SHAPES:
+        flops = 2.0 * batch * size * size * channels * channels * 9
+        ours_fwd, ours_both = jax_conv_fns(batch, size, channels)
+        torch_fwd, torch_both = torch_conv_fns(torch, batch, size, channels)
+        name = f"conv3x3 {batch}x{size}x{size}x{channels}"
+        row(name + " fwd", flops, ours_fwd, torch_fwd)
+        row(name + " fwd+bwd", 3 * flops, ours_both, torch_both)
+    for m, k, n in MATMUL_SHAPES:
+        a, b = (np.random.default_rng(0).standard_normal(s).astype(np.float32) for s in ((m, k), (k, n)))
+        ja, jb = jnp.asarray(a), jnp.asarray(b)
+        matmul = jax.jit(jnp.matmul)
+        ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+        row(f"matmul {m}x{k}x{n}", 2.0 * m * k * n,
+            lambda: jax.block_until_ready(matmul(ja, jb)), lambda: torch.matmul(ta, tb))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
