@@ -57,22 +57,14 @@ class SimulatedStream:
         self.normalization = normalization
         self.label = None if label in (None, "") else preset.label_index(label)
         self.params_keys = tuple(params_keys)
-        sharding = parallel.batch_sharding(mesh)
-        self._generate = jax.jit(self._batch, out_shardings=sharding)
-        self._finish = jax.jit(self._transform, out_shardings=sharding)
-        # One CPU device: an eager `sample` splits the batch over the host's cores
-        # (a jitted one runs on about one), then one jit applies the transforms.
-        self._host_threads = mesh.devices.size == 1 and jax.default_backend() == "cpu"
+        self._generate = jax.jit(self._batch, out_shardings=parallel.batch_sharding(mesh))
 
     def _batch(self, step: Array) -> dict[str, Array]:
         # Example n of a stream is simulated from fold_in(stream key, n) whatever the
         # batch size, so an evaluation set holds the same images for every eval batch
         # size and device count.
-        sampled = self.preset.sample(self.key, self.batch_size, label=self.label,
-                                     start_index=step * self.batch_size)
-        return self._transform(step, *sampled)
-
-    def _transform(self, step: Array, images: Array, labels: Array, params: dict) -> dict[str, Array]:
+        images, labels, params = self.preset.sample(self.key, self.batch_size, label=self.label,
+                                                    start_index=step * self.batch_size)
         key = jax.random.fold_in(self.key, step)
         if is_superres(self.preset):
             batch = {"lr": params["lr_image"], "hr": images, "label": labels}
@@ -84,10 +76,6 @@ class SimulatedStream:
 
     def batch(self, step: int) -> dict[str, Array]:
         """Global batch number `step` (deterministic in seed, stream and step)."""
-        if self._host_threads:
-            sampled = self.preset.sample(self.key, self.batch_size, label=self.label,
-                                         start_index=int(step) * self.batch_size)
-            return self._finish(jnp.asarray(step, jnp.int32), *sampled)
         return self._generate(jnp.asarray(step, jnp.int32))
 
     def iterate(self, start_step: int = 0) -> Iterator[dict[str, Array]]:

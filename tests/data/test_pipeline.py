@@ -99,9 +99,9 @@ def test_selection_heldout_and_train_streams_differ():
 
 @pytest.mark.parametrize("normalization", ["none", "minmax"])
 def test_one_device_stream_equals_the_eight_device_stream(normalization):
-    """On one CPU device the stream simulates eagerly (the batch split over host threads)
-    and transforms in a jit; on 8 devices everything runs in one sharded jit. Both give
-    the same train batches (balanced classes, augmentation on), step by step."""
+    """The stream's batches do not depend on the device count: one device and 8
+    devices (each simulating its own shard) give the same train batches (balanced
+    classes, augmentation on), step by step."""
     config = _sim_config(normalization=normalization, augment=True)
     one = pipeline.train_iterator(config, parallel.make_mesh(1), start_step=3)
     eight = pipeline.train_iterator(config, parallel.make_mesh(), start_step=3)
