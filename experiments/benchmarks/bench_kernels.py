@@ -9,9 +9,12 @@ Times, for both frameworks in the same run (alternating, best of `--repeats`):
 It prints GFLOP/s of each side and their ratio, so the train-step ratios of
 bench_train.py can be traced to the kernels that cause them. lensjax's own
 convolution (`lensjax.models.layers.Conv`, "auto") uses XLA's convolution for
-all of these layer shapes on CPU.
+all of these layer shapes on CPU. `--alternatives` also times the rejected ways
+around XLA's convolution at the 8 x 64 x 64 x 64 layer (building the im2col
+patch matrix; the weight gradient as nine shifted matmuls) and the exact GELU.
 
-    python experiments/benchmarks/bench_kernels.py            # about 1 minute on 2 cores
+    python experiments/benchmarks/bench_kernels.py                 # about 1 minute on 2 cores
+    python experiments/benchmarks/bench_kernels.py --alternatives
 """
 
 from __future__ import annotations
@@ -78,6 +81,8 @@ def torch_conv_fns(torch, batch: int, size: int, channels: int):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--alternatives", action="store_true",
+                        help="also time the rejected convolution formulations and the GELU")
     parser.add_argument("--threads", type=int, default=None,
                         help="PyTorch intra-op threads (default: the cores JAX may use)")
     args = parser.parse_args(argv)
@@ -110,7 +115,55 @@ def main(argv: list[str] | None = None) -> int:
         ta, tb = torch.from_numpy(a), torch.from_numpy(b)
         row(f"matmul {m}x{k}x{n}", 2.0 * m * k * n,
             lambda: jax.block_until_ready(matmul(ja, jb)), lambda: torch.matmul(ta, tb))
+    if args.alternatives:
+        time_alternatives(torch, args.repeats)
     return 0
+
+
+def time_alternatives(torch, repeats: int) -> None:
+    """ms of the rejected convolution formulations, and of the exact GELU vs PyTorch."""
+    batch, size, channels = CONV_SHAPES[0]
+    x = jax.random.normal(jax.random.key(0), (batch, size, size, channels))
+    dy = jax.random.normal(jax.random.key(2), (batch, size, size, channels))
+    w = jnp.zeros((3, 3, channels, channels))
+
+    def shifted(x):
+        padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+        return [padded[:, i:i + size, j:j + size, :] for i in range(3) for j in range(3)]
+
+    def im2col(x):
+        return jnp.concatenate(shifted(x), -1).reshape(-1, 9 * channels)
+
+    def weight_grad_shifted(x, dy):
+        rows = [s.reshape(-1, channels).T @ dy.reshape(-1, channels) for s in shifted(x)]
+        return jnp.stack(rows).reshape(3, 3, channels, channels)
+
+    def weight_grad_xla(x, dy):
+        conv = lambda w: jax.lax.conv_general_dilated(  # noqa: E731
+            x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return jax.vjp(conv, w)[1](dy)[0]
+
+    print(f"\nalternatives at conv3x3 {batch}x{size}x{size}x{channels} (ms, best of {repeats})")
+    for name, fn, fn_args in (("im2col patch matrix alone", im2col, (x,)),
+                              ("weight gradient, nine shifted matmuls", weight_grad_shifted, (x, dy)),
+                              ("weight gradient, XLA convolution", weight_grad_xla, (x, dy))):
+        jitted = jax.jit(fn)
+        ms = best_seconds(lambda: jax.block_until_ready(jitted(*fn_args)), repeats) * 1e3
+        print(f"  {name:<40} {ms:8.2f}")
+    rows = np.random.default_rng(0).standard_normal((4 * 544, 1536)).astype(np.float32)
+    jrows, trows = jnp.asarray(rows), torch.from_numpy(rows)
+    trows_grad = trows.clone().requires_grad_(True)
+    gelu = jax.jit(lambda v: jax.nn.gelu(v, approximate=False))
+    gelu_grad = jax.jit(jax.grad(lambda v: jnp.sum(jax.nn.gelu(v, approximate=False))))
+
+    def torch_both():
+        trows_grad.grad = None
+        torch.nn.functional.gelu(trows_grad).sum().backward()
+    print(f"exact GELU on {rows.shape[0]} x {rows.shape[1]} (ms): XLA forward "
+          f"{best_seconds(lambda: jax.block_until_ready(gelu(jrows)), repeats) * 1e3:.2f}, "
+          f"forward + backward {best_seconds(lambda: jax.block_until_ready(gelu_grad(jrows)), repeats) * 1e3:.2f}; "
+          f"PyTorch forward {best_seconds(lambda: torch.nn.functional.gelu(trows), repeats) * 1e3:.2f}, "
+          f"forward + backward {best_seconds(torch_both, repeats) * 1e3:.2f}")
 
 
 if __name__ == "__main__":
