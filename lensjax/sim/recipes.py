@@ -149,11 +149,40 @@ def _sample(preset: Preset, key: Array, batch_size: int, static_label: int | Non
         labels = jnp.full((batch_size,), static_label, jnp.int32)
     keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(indices)
 
-    if static_label is None:
+    if static_label is not None:
+        images, params = _simulate_one_class(preset, keys, static_label)
+    elif balanced_by_class():
         images, params = _simulate_balanced(preset, keys, labels, start_index)
     else:
-        images, params = _simulate_one_class(preset, keys, static_label)
+        images, params = _simulate_padded(preset, keys, labels)
     return images[..., None], labels.astype(jnp.int32), params
+
+
+# How a balanced (mixed-class) batch is simulated. True: class by class, each
+# example tracing only its own subhaloes (`_simulate_balanced`; 1.5x cheaper for a
+# model_ii batch on CPU). False: all examples at once, each tracing every class's
+# subhaloes padded and masked (`_simulate_padded`), the layout measured on GPUs,
+# where under a sharded jit each device simply simulates its own examples (the
+# class-by-class batch is reassembled with a gather that needs an all-reduce
+# across devices). "auto": True on CPU, False elsewhere.
+BALANCED_BY_CLASS = "auto"
+
+
+def balanced_by_class() -> bool:
+    """Whether balanced batches are simulated class by class (see BALANCED_BY_CLASS)."""
+    if BALANCED_BY_CLASS == "auto":
+        return jax.default_backend() == "cpu"
+    if not isinstance(BALANCED_BY_CLASS, bool):
+        raise ValueError(f"BALANCED_BY_CLASS must be 'auto', True or False, got {BALANCED_BY_CLASS!r}")
+    return BALANCED_BY_CLASS
+
+
+def _simulate_padded(preset: Preset, keys: Array, labels: Array) -> tuple[Array, Params]:
+    """Mixed classes in one pass: every example traces all classes' subhaloes, masked."""
+    def simulate(args):
+        return preset.simulate_example(*args, None)
+
+    return jax.lax.map(simulate, (keys, labels), batch_size=_chunk_size(keys.shape[0], preset))
 
 
 def _simulate_one_class(preset: Preset, keys: Array, static_label: int) -> tuple[Array, Params]:

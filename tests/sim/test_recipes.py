@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from lensjax.sim import PRESET_NAMES, get_preset, instrument
+from lensjax.sim import PRESET_NAMES, get_preset, instrument, recipes
 
 BATCH = 6  # two examples per class for the three-class presets
 
@@ -130,12 +130,17 @@ def test_forced_label_reproduces_the_balanced_examples(batches):
                                atol=1e-6 * images[1].max())
 
 
-@pytest.mark.parametrize("preset_name, start_index, batch", [("model_ii", 5, 7), ("common_test", 0, 9)])
-def test_balanced_batch_equals_its_examples_simulated_one_class_at_a_time(preset_name, start_index,
-                                                                           batch):
-    """A balanced batch is simulated class by class (each class traces only its own
-    subhaloes); every example equals the same index drawn with its class forced,
-    for a start index and batch size that do not line up with the class cycle."""
+# Distinct batch sizes per layout: the layout is read when `sample` is traced.
+@pytest.mark.parametrize("by_class, preset_name, start_index, batch", [
+    (True, "model_ii", 5, 7), (True, "common_test", 0, 9), (False, "model_ii", 4, 5)])
+def test_balanced_batch_equals_its_examples_simulated_one_class_at_a_time(
+        by_class, preset_name, start_index, batch, monkeypatch):
+    """Every example of a balanced batch equals the same index drawn with its class
+    forced, whether the batch is simulated class by class (each class tracing only
+    its own subhaloes) or all at once with padded subhaloes, for start indices and
+    batch sizes that do not line up with the class cycle."""
+    monkeypatch.setattr(recipes, "BALANCED_BY_CLASS", by_class)
+    assert recipes.balanced_by_class() is by_class
     preset = get_preset(preset_name)
     key = jax.random.key(11)
     images, labels, params = preset.sample(key, batch, start_index=start_index)
