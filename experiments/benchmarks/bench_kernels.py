@@ -23,7 +23,6 @@ import argparse
 import os
 import platform
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -31,21 +30,12 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
+from bench_noise import best_seconds  # noqa: E402  (best of n calls, blocked on)
+
 # (batch, map size, channels) of the 3 x 3 convolutions of resnet18_64, one per stage.
 CONV_SHAPES = ((8, 64, 64), (8, 32, 128), (8, 16, 256), (8, 8, 512))
 # (m, k, n) float32 matmuls: square, then ViT-S MAE encoder shapes (qkv and MLP).
 MATMUL_SHAPES = ((1024, 1024, 1024), (544, 384, 1152), (544, 384, 1536), (544, 1536, 384))
-
-
-def best_seconds(fn, repeats: int) -> float:
-    """Best wall time of fn() over `repeats` calls after one warm-up call."""
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def jax_conv_fns(batch: int, size: int, channels: int):

@@ -157,15 +157,18 @@ def point_mass_strategy() -> str:
     return "unroll" if jax.default_backend() == "cpu" else "reduce"
 
 
+def _add_point_mass(ax, ay, x, y, theta_E_sq, center_x, center_y, r2_min):
+    """Accumulators (ax, ay) plus the deflection of one point mass (theta_E^2 given)."""
+    dx, dy = x - center_x, y - center_y
+    scale = theta_E_sq / jnp.maximum(dx * dx + dy * dy, r2_min)
+    return ax + scale * dx, ay + scale * dy
+
+
 def _point_masses_scan(x, y, theta_E_sq, center_x, center_y):
     r2_min = _point_mass_min_radius_sq(x.dtype)
 
     def add_one(carry, mass):
-        ax, ay = carry
-        te2, cx, cy = mass
-        dx, dy = x - cx, y - cy
-        scale = te2 / jnp.maximum(dx * dx + dy * dy, r2_min)
-        return (ax + scale * dx, ay + scale * dy), None
+        return _add_point_mass(*carry, x, y, *mass, r2_min), None
 
     zeros = jnp.zeros_like(x)
     (ax, ay), _ = jax.lax.scan(add_one, (zeros, zeros), (theta_E_sq, center_x, center_y))
@@ -176,9 +179,7 @@ def _point_masses_unrolled(x, y, theta_E_sq, center_x, center_y):
     r2_min = _point_mass_min_radius_sq(x.dtype)
     ax = ay = jnp.zeros_like(x)
     for k in range(theta_E_sq.shape[0]):
-        dx, dy = x - center_x[k], y - center_y[k]
-        scale = theta_E_sq[k] / jnp.maximum(dx * dx + dy * dy, r2_min)
-        ax, ay = ax + scale * dx, ay + scale * dy
+        ax, ay = _add_point_mass(ax, ay, x, y, theta_E_sq[k], center_x[k], center_y[k], r2_min)
     # Materialise the sums: otherwise XLA may copy the K-term fusion into each of
     # its consumers and evaluate it several times.
     return jax.lax.optimization_barrier((ax, ay))
