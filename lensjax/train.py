@@ -28,7 +28,7 @@ import optax
 from clu import metric_writers, metrics, periodic_actions
 from flax import nnx
 
-from lensjax import checkpointing, parallel, tasks
+from lensjax import checkpointing, compilation, parallel, tasks
 from lensjax.data import pipeline, transforms
 
 TrainState = dict[str, Any]
@@ -200,10 +200,12 @@ def state_shardings(state: TrainState, mesh, fsdp_min_size: int | None) -> Train
 
 def jit_train_step(train_step, state, mesh, config):
     shardings = state_shardings(state, mesh, config.mesh.get("fsdp_min_size") or None)
-    return jax.jit(train_step, in_shardings=(shardings, parallel.batch_sharding(mesh),
-                                             parallel.replicated(mesh)),
-                   out_shardings=(shardings, parallel.replicated(mesh)),
-                   donate_argnums=(0,)), shardings
+    batch_per_device = max(1, config.train.batch_size // mesh.size)
+    return compilation.jit(train_step, batch_per_device=batch_per_device,
+                           in_shardings=(shardings, parallel.batch_sharding(mesh),
+                                         parallel.replicated(mesh)),
+                           out_shardings=(shardings, parallel.replicated(mesh)),
+                           donate_argnums=(0,)), shardings
 
 
 def build_train_step(graphdef, task, tx, config, state, mesh):
@@ -226,7 +228,7 @@ def make_predict(graphdef, task, mesh, use_ema: bool):
     """jitted (state, batch) -> task.predict output, in eval mode."""
     def predict(state, batch):
         return task.predict(eval_model(graphdef, state, use_ema), batch)
-    return jax.jit(predict, out_shardings=parallel.batch_sharding(mesh))
+    return compilation.jit(predict, out_shardings=parallel.batch_sharding(mesh))
 
 
 class TrainedModel:
@@ -249,8 +251,8 @@ class TrainedModel:
 
     def jit(self, fn: Callable, **jit_kwargs) -> Callable:
         graphdef, use_ema = self.graphdef, self.use_ema
-        jitted = jax.jit(lambda state, *args: fn(eval_model(graphdef, state, use_ema), *args),
-                         **jit_kwargs)
+        jitted = compilation.jit(
+            lambda state, *args: fn(eval_model(graphdef, state, use_ema), *args), **jit_kwargs)
         return lambda *args: jitted(self.state, *args)
 
     def model(self) -> nnx.Module:

@@ -37,7 +37,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +45,7 @@ import numpy as np
 from flax import nnx
 from jax import lax
 
+from lensjax import compilation
 from lensjax.metrics.torch_checkpoint import read_state_dict
 
 Array = jax.Array
@@ -420,11 +421,15 @@ def load_fid_inception(path: str | Path, *, precision: str = "highest") -> FIDIn
 # ============================================================================
 
 
-# The graph definition is a static argument: one compiled program per network
-# structure and batch shape, reused across calls of `fid_features`.
-@functools.partial(jax.jit, static_argnums=0)
-def _pool3_features(graphdef: nnx.GraphDef, state: nnx.State, images: Array) -> Array:
+def _pool3_features_fn(graphdef: nnx.GraphDef, state: nnx.State, images: Array) -> Array:
     return nnx.merge(graphdef, state)(images)
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted_pool3_features() -> Callable:
+    # Jitted on first use (not at import, which would start the backend). The graph
+    # definition is static: one program per network structure and batch shape.
+    return compilation.jit(_pool3_features_fn, static_argnums=0)
 
 
 def fid_features(model: FIDInceptionV3, images: Any, batch_size: int = 50, *,
@@ -454,5 +459,5 @@ def fid_features(model: FIDInceptionV3, images: Any, batch_size: int = 50, *,
         if count < batch_size:
             pad = np.zeros((batch_size - count, *batch.shape[1:]), batch.dtype)
             batch = np.concatenate([batch, pad])
-        features.append(np.asarray(_pool3_features(graphdef, state, jnp.asarray(batch)))[:count])
+        features.append(np.asarray(_jitted_pool3_features()(graphdef, state, jnp.asarray(batch)))[:count])
     return np.concatenate(features)
