@@ -3,7 +3,10 @@
 Times, for both frameworks in the same run (alternating, best of `--repeats`):
   - a 3 x 3, stride-1, "same" convolution at each stage of the stride-1 ResNet-18
     of bench_train.py (`resnet18_64`: batch 8, maps 64 / 32 / 16 / 8 px with 64 /
-    128 / 256 / 512 channels), forward alone and forward + both gradients;
+    128 / 256 / 512 channels) and the first level of the diffusion UNet (`unet_150`:
+    batch 2, 152 px, 32 channels), forward alone and forward + both gradients,
+    compiled as lensjax compiles its networks (`lensjax.compilation`: XLA's own
+    convolution on CPU) and with XLA's default (YNNPACK convolutions, "YNN ms");
   - float32 matmuls: a square one and the shapes of the ViT-S MAE step
     (544 tokens x 384 features, batch 32 x 17 visible tokens).
 It prints GFLOP/s of each side and their ratio, so the train-step ratios of
@@ -32,13 +35,17 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
 from bench_noise import best_seconds  # noqa: E402  (best of n calls, blocked on)
 
-# (batch, map size, channels) of the 3 x 3 convolutions of resnet18_64, one per stage.
-CONV_SHAPES = ((8, 64, 64), (8, 32, 128), (8, 16, 256), (8, 8, 512))
+from lensjax import compilation  # noqa: E402
+
+# (batch, map size, channels) of the 3 x 3 convolutions of resnet18_64, one per
+# stage, and of the first level of unet_150.
+CONV_SHAPES = ((8, 64, 64), (8, 32, 128), (8, 16, 256), (8, 8, 512), (2, 152, 32))
 # (m, k, n) float32 matmuls: square, then ViT-S MAE encoder shapes (qkv and MLP).
 MATMUL_SHAPES = ((1024, 1024, 1024), (544, 384, 1152), (544, 384, 1536), (544, 1536, 384))
 
 
-def jax_conv_fns(batch: int, size: int, channels: int):
+def jax_conv_fns(batch: int, size: int, channels: int, options: dict):
+    """(forward, forward + both gradients) of one convolution, jitted with `options`."""
     x = jax.random.normal(jax.random.key(0), (batch, size, size, channels))
     w = jax.random.normal(jax.random.key(1), (3, 3, channels, channels)) * 0.05
     numbers = ("NHWC", "HWIO", "NHWC")
@@ -46,8 +53,9 @@ def jax_conv_fns(batch: int, size: int, channels: int):
     def conv(x, w):
         return jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=numbers)
 
-    forward = jax.jit(conv)
-    both = jax.jit(jax.grad(lambda x, w: jnp.sum(jnp.square(conv(x, w))), argnums=(0, 1)))
+    forward = jax.jit(conv, compiler_options=options)
+    both = jax.jit(jax.grad(lambda x, w: jnp.sum(jnp.square(conv(x, w))), argnums=(0, 1)),
+                   compiler_options=options)
     return (lambda: jax.block_until_ready(forward(x, w)),
             lambda: jax.block_until_ready(both(x, w)))
 
@@ -83,21 +91,26 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__} with "
           f"{torch.get_num_threads()} threads, {platform.machine()} {cores} cores, load average "
           f"{os.getloadavg()[0]:.2f}; float32, best of {args.repeats}")
-    print(f"{'kernel':<40} {'XLA ms':>8} {'torch ms':>9} {'XLA GFLOP/s':>12} "
+    print(f"{'kernel':<40} {'XLA ms':>8} {'YNN ms':>8} {'torch ms':>9} {'XLA GFLOP/s':>12} "
           f"{'torch GFLOP/s':>14} {'XLA / torch':>12}")
 
-    def row(name, flops, ours, theirs):
+    def row(name, flops, ours, theirs, ynn=None):
         t_ours, t_theirs = best_seconds(ours, args.repeats), best_seconds(theirs, args.repeats)
-        print(f"{name:<40} {t_ours * 1e3:8.2f} {t_theirs * 1e3:9.2f} {flops / t_ours / 1e9:12.1f} "
-              f"{flops / t_theirs / 1e9:14.1f} {t_theirs / t_ours:11.2f}x", flush=True)
+        t_ynn = f"{best_seconds(ynn, args.repeats) * 1e3:8.2f}" if ynn else f"{'-':>8}"
+        print(f"{name:<40} {t_ours * 1e3:8.2f} {t_ynn} {t_theirs * 1e3:9.2f} "
+              f"{flops / t_ours / 1e9:12.1f} {flops / t_theirs / 1e9:14.1f} "
+              f"{t_theirs / t_ours:11.2f}x", flush=True)
 
+    # lensjax's options (XLA convolutions on CPU) vs XLA's default (YNNPACK's).
+    options = compilation.compiler_options()
     for batch, size, channels in CONV_SHAPES:
         flops = 2.0 * batch * size * size * channels * channels * 9
-        ours_fwd, ours_both = jax_conv_fns(batch, size, channels)
+        ours_fwd, ours_both = jax_conv_fns(batch, size, channels, options)
+        ynn_fwd, ynn_both = jax_conv_fns(batch, size, channels, {})
         torch_fwd, torch_both = torch_conv_fns(torch, batch, size, channels)
         name = f"conv3x3 {batch}x{size}x{size}x{channels}"
-        row(name + " fwd", flops, ours_fwd, torch_fwd)
-        row(name + " fwd+bwd", 3 * flops, ours_both, torch_both)
+        row(name + " fwd", flops, ours_fwd, torch_fwd, ynn_fwd)
+        row(name + " fwd+bwd", 3 * flops, ours_both, torch_both, ynn_both)
     for m, k, n in MATMUL_SHAPES:
         a, b = (np.random.default_rng(0).standard_normal(s).astype(np.float32) for s in ((m, k), (k, n)))
         ja, jb = jnp.asarray(a), jnp.asarray(b)
@@ -137,7 +150,7 @@ def time_alternatives(torch, repeats: int) -> None:
     for name, fn, fn_args in (("im2col patch matrix alone", im2col, (x,)),
                               ("weight gradient, nine shifted matmuls", weight_grad_shifted, (x, dy)),
                               ("weight gradient, XLA convolution", weight_grad_xla, (x, dy))):
-        jitted = jax.jit(fn)
+        jitted = jax.jit(fn, compiler_options=compilation.compiler_options())
         ms = best_seconds(lambda: jax.block_until_ready(jitted(*fn_args)), repeats) * 1e3
         print(f"  {name:<40} {ms:8.2f}")
     rows = np.random.default_rng(0).standard_normal((4 * 544, 1536)).astype(np.float32)
