@@ -18,7 +18,7 @@ import jax
 import ml_collections
 
 import lensjax
-from lensjax import checkpointing, parallel, tasks, train
+from lensjax import checkpointing, hugepages, parallel, tasks, train
 
 
 def load_config(workdir: str | Path) -> ml_collections.ConfigDict:
@@ -143,4 +143,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    hugepages.restart_with_hugepages()
     sys.exit(main())

@@ -16,7 +16,7 @@ import json
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from lensjax import parallel
+from lensjax import hugepages, parallel
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file (':arg' allowed).",
@@ -59,4 +59,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    hugepages.restart_with_hugepages()
     app.run(main)

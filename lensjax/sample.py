@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lensjax import hugepages
+
 MANIFEST_NAME = "lensjax_samples.json"
 SAMPLES_DIR = "Samples"
 GRID_NAME = "samples_grid.png"
@@ -203,4 +205,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    hugepages.restart_with_hugepages()
     sys.exit(main())

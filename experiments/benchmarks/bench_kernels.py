@@ -170,4 +170,6 @@ def time_alternatives(torch, repeats: int) -> None:
 
 
 if __name__ == "__main__":
+    from lensjax import hugepages
+    hugepages.restart_with_hugepages()
     sys.exit(main())

@@ -136,4 +136,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from lensjax import hugepages
+    hugepages.restart_with_hugepages()
     sys.exit(main())

@@ -52,6 +52,9 @@ def _pin_to_one_core_if_asked(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+    from lensjax import hugepages  # noqa: E402  (huge pages, as lensjax's entry points run)
+    hugepages.restart_with_hugepages()
     _pin_to_one_core_if_asked(sys.argv[1:])
 
 import jax  # noqa: E402
