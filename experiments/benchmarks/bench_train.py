@@ -339,7 +339,9 @@ def machine_line(torch_device: str) -> str:
     return (f"jax {jax.__version__} ({device.platform}: {device.device_kind}{xla_threads}) | torch "
             f"{torch.__version__} ({torch_device}, {torch.get_num_threads()} threads) | "
             f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores | "
-            f"load average {os.getloadavg()[0]:.2f}")
+            f"load average {os.getloadavg()[0]:.2f} | "
+            f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r} (both frameworks) | "
+            f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
 
 
 def main(argv: list[str] | None = None) -> int:
