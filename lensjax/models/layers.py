@@ -19,36 +19,40 @@ SAME padding, same strides):
              single input channel (the stem), strides > 1, cin >= 512, or output
              maps of at most 4 pixels (2x2); "xla" for every other convolution.
 
-Evidence for the CPU rule (2-core x86-64 CPU shared with other jobs, load
-average ~3.9, jax 0.10.2; jitted fwd+bwd of one conv at the shapes and batch
-sizes of the benchmarked networks, best of 5 interleaved runs, ms; from
+Evidence for the CPU rule (2-core AMD EPYC, jax 0.10.2, compiled as lensjax
+compiles its networks: XLA's own convolution, not YNNPACK's, see
+`lensjax.compilation`; jitted fwd+bwd of one conv at the shapes and batch sizes of
+the benchmarked networks, best of 5 interleaved runs, ms; from
 `python experiments/benchmarks/bench_conv.py --layers`):
 
   batch  input    cin->cout  k s    xla  patches     batch  input    cin->cout  k s    xla  patches
-    8    64x64     1->64     3 1    8.0     4.6        16  150x150    1->64     7 2  112.8    93.7
-    8    64x64    64->64     3 1  105.5   194.6        16   38x38    64->64     3 1  101.0   181.4
-    8    64x64    64->128    3 2   78.0    54.3        16   38x38    64->128    3 2   52.8    45.1
-    8    64x64    64->128    1 2   28.8     6.7        16   19x19   128->128    3 1   57.5    87.4
-    8    32x32   128->128    3 1  152.6   150.6        16   10x10   256->256    3 1   61.6    66.4
-    8    32x32   128->256    3 2   58.0    45.7        16    5x5    512->512    3 1   83.1    59.5
-    8    16x16   256->256    3 1   63.8    76.6         2  152x152   32->32     3 1   43.5    70.3
-    8    16x16   256->512    3 2   41.2    41.5         2  152x152   64->32     3 1   86.3   237.1
-    8     8x8    512->512    3 1  112.1    85.8         2  152x152   32->32     3 2   12.7    15.1
-   64    16x16    16->16     3 1    9.6    11.0         2   76x76    64->64     3 1   33.2    45.0
-   64    16x16    16->32     3 2    2.9     3.0         2   38x38    64->64     3 1    5.4    10.2
-   64     8x8     32->32     3 1    3.1     5.2         2   19x19   128->128    3 1    5.5     6.9
-   64     4x4     64->64     3 1    2.9     5.4        32   64x64    64->64     3 1  655.0   923.4
-   64     4x4     64->128    3 2   14.6     2.3        32   16x16   256->256    3 1  448.7   393.5
-   64     2x2    128->128    3 1   22.7     2.4
+    8    64x64     1->64     3 1    4.0     1.6        16  150x150    1->64     7 2   41.2    34.7
+    8    64x64    64->64     3 1   52.1    83.3        16   38x38    64->64     3 1   36.2    59.1
+    8    64x64    64->128    3 2   24.2    30.1        16   38x38    64->128    3 2   16.6    16.5
+    8    64x64    64->128    1 2    4.7     3.0        16   19x19   128->128    3 1   27.8    43.0
+    8    32x32   128->128    3 1   40.4    60.1        16   10x10   256->256    3 1   28.0    30.9
+    8    32x32   128->256    3 2   20.3    20.1        16    5x5    512->512    3 1   31.5    29.4
+    8    16x16   256->256    3 1   35.9    39.9         2  152x152   32->32     3 1   35.6    58.4
+    8    16x16   256->512    3 2   20.9    18.3         2  152x152   64->32     3 1   63.2    96.9
+    8     8x8    512->512    3 1   39.1    37.7         2  152x152   32->32     3 2   14.5     7.9
+   64    16x16    16->16     3 1    2.7     3.1         2   76x76    64->64     3 1   23.8    28.6
+   64    16x16    16->32     3 2    1.4     1.0         2   38x38    64->64     3 1    6.0     4.7
+   64     8x8     32->32     3 1    1.8     2.4         2   19x19   128->128    3 1    4.5     4.0
+   64     4x4     64->64     3 1    1.5     1.6        32   64x64    64->64     3 1  225.5   356.5
+   64     4x4     64->128    3 2    3.4     0.8        32   16x16   256->256    3 1  146.6   195.1
+   64     2x2    128->128    3 1   10.0     1.6
 
-XLA:CPU runs stride-1 convolutions through its own convolution kernels, which
-beat im2col for every map of 4x4 pixels and more up to cin 256 (im2col writes
-kh*kw copies of the input); strided convolutions (whose gradients are dilated
-convolutions), 1x1 convolutions, the single-channel stem, the 512-channel stage
-and 2x2 maps are faster as patches. "auto" picks the faster implementation or
-one within 20% of it in every row. (An earlier rule, "patches" for every
-cin >= 32, lost 1.1-1.3x on whole ResNet-18 and UNet train steps against this
-one; `bench_train.py` times the networks.)
+XLA:CPU's stride-1 convolutions beat im2col for every map of 4x4 pixels and
+more up to cin 256 (im2col writes kh*kw copies of the input); strided
+convolutions (whose gradients are dilated convolutions), 1x1 convolutions, the
+single-channel stem, the 512-channel stage and 2x2 maps are as fast or faster as
+patches. "auto" picks the faster implementation or one within 20% of it in every
+row except 2 x 38x38 64->64 (6.0 vs 4.7 ms). The rule was set when XLA:CPU ran
+convolutions through YNNPACK (that table is in the git history) and holds for
+both. Whole ResNet-18 steps with the 512-channel and strided layers on "xla"
+were not faster. (An earlier rule, "patches" for every cin >= 32, lost 1.1-1.3x
+on whole ResNet-18 and UNet train steps against this one; `bench_train.py` times
+the networks.)
 """
 
 from __future__ import annotations
