@@ -28,6 +28,7 @@ from flax import nnx
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
+from lensjax import compilation  # noqa: E402  (XLA convolutions on CPU, as lensjax compiles)
 from lensjax.models import get_model  # noqa: E402
 from lensjax.models import layers  # noqa: E402
 from lensjax.models.layers import (CONV_IMPLS, choose_conv_impl, conv_output_size,  # noqa: E402
@@ -72,7 +73,7 @@ def time_network(width: int, image_size: int, batch_size: int, impls: list[str],
             loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
             return loss, nnx.state(net, nnx.BatchStat)
 
-        fns[impl] = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
+        fns[impl] = compilation.jit(jax.value_and_grad(loss_fn, has_aux=True))
         args[impl] = (params, rest, images, labels)
     results = _interleaved_ms(fns, args, repeats)
     print(f"  width={width} image={image_size} {results}", file=sys.stderr, flush=True)
@@ -105,7 +106,7 @@ def time_layers(repeats: int, batch_size: int | None = None) -> list[tuple]:
         batch = batch_size or case_batch
         x = jax.random.normal(key, (batch, size, size, cin))
         w = jax.random.normal(key, (k, k, cin, cout)) * (2.0 / (k * k * cout)) ** 0.5
-        fns = {name: jax.jit(jax.grad(
+        fns = {name: compilation.jit(jax.grad(
                    lambda x, w, conv=conv: jnp.sum(conv(x, w, (stride, stride)) ** 2), argnums=(0, 1)))
                for name, conv in (("xla", conv_xla), ("patches", conv_patches))}
         times = _interleaved_ms(fns, {name: (x, w) for name in fns}, repeats)
