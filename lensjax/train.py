@@ -200,8 +200,7 @@ def state_shardings(state: TrainState, mesh, fsdp_min_size: int | None) -> Train
 
 def jit_train_step(train_step, state, mesh, config):
     shardings = state_shardings(state, mesh, config.mesh.get("fsdp_min_size") or None)
-    batch_per_device = max(1, config.train.batch_size // mesh.size)
-    return compilation.jit(train_step, batch_per_device=batch_per_device,
+    return compilation.jit(train_step,
                            in_shardings=(shardings, parallel.batch_sharding(mesh),
                                          parallel.replicated(mesh)),
                            out_shardings=(shardings, parallel.replicated(mesh)),

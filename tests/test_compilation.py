@@ -13,16 +13,13 @@ def conv(x, w):
     return lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
-def test_options_only_on_cpu_and_not_for_small_train_batches(monkeypatch):
+def test_options_only_on_cpu(monkeypatch):
     monkeypatch.delenv("XLA_FLAGS", raising=False)
     option = compilation.YNN_FUSION_TYPE_OPTION
     cpu = compilation.compiler_options("cpu")
     assert "CONVOLUTION" not in cpu[option] and "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT" in cpu[option]
     assert compilation.compiler_options("gpu") == {}
     assert compilation.compiler_options("tpu") == {}
-    small = compilation.YNN_CONVOLUTIONS_MAX_BATCH
-    assert compilation.compiler_options("cpu", batch_per_device=small) == {}
-    assert compilation.compiler_options("cpu", batch_per_device=small + 1) == cpu
 
 
 def test_a_users_xla_flags_choice_is_kept(monkeypatch):

@@ -5,8 +5,9 @@ Times, for both frameworks in the same run (alternating, best of `--repeats`):
     of bench_train.py (`resnet18_64`: batch 8, maps 64 / 32 / 16 / 8 px with 64 /
     128 / 256 / 512 channels) and the first level of the diffusion UNet (`unet_150`:
     batch 2, 152 px, 32 channels), forward alone and forward + both gradients,
-    compiled as lensjax compiles its networks (`lensjax.compilation`: XLA's own
-    convolution on CPU) and with XLA's default (YNNPACK convolutions, "YNN ms");
+    as lensjax runs it (`layers.conv_xla` compiled with `lensjax.compilation`: XLA's
+    own convolution on CPU, the weight gradient on image strips below batch 4) and a
+    bare convolution with XLA's default (YNNPACK convolutions, "YNN ms");
   - float32 matmuls: a square one and the shapes of the ViT-S MAE step
     (544 tokens x 384 features, batch 32 x 17 visible tokens).
 It prints GFLOP/s of each side and their ratio, so the train-step ratios of
@@ -14,7 +15,8 @@ bench_train.py can be traced to the kernels that cause them. lensjax's own
 convolution (`lensjax.models.layers.Conv`, "auto") uses XLA's convolution for
 all of these layer shapes on CPU. `--alternatives` also times the rejected ways
 around XLA's convolution at the 8 x 64 x 64 x 64 layer (building the im2col
-patch matrix; the weight gradient as nine shifted matmuls) and the exact GELU.
+patch matrix; the weight gradient as nine shifted matmuls), the weight gradient
+of the UNet's batch-2 layer on image strips, and the exact GELU.
 
     python experiments/benchmarks/bench_kernels.py                 # about 1 minute on 2 cores
     python experiments/benchmarks/bench_kernels.py --alternatives
@@ -44,13 +46,19 @@ CONV_SHAPES = ((8, 64, 64), (8, 32, 128), (8, 16, 256), (8, 8, 512), (2, 152, 32
 MATMUL_SHAPES = ((1024, 1024, 1024), (544, 384, 1152), (544, 384, 1536), (544, 1536, 384))
 
 
-def jax_conv_fns(batch: int, size: int, channels: int, options: dict):
-    """(forward, forward + both gradients) of one convolution, jitted with `options`."""
+def jax_conv_fns(batch: int, size: int, channels: int, options: dict, lensjax_conv: bool):
+    """(forward, forward + both gradients) of one convolution, jitted with `options`:
+    lensjax's (`layers.conv_xla`, strip weight gradient for small batches on CPU) or
+    the bare `lax.conv_general_dilated`."""
+    from lensjax.models import layers
+
     x = jax.random.normal(jax.random.key(0), (batch, size, size, channels))
     w = jax.random.normal(jax.random.key(1), (3, 3, channels, channels)) * 0.05
     numbers = ("NHWC", "HWIO", "NHWC")
 
     def conv(x, w):
+        if lensjax_conv:
+            return layers.conv_xla(x, w, (1, 1))
         return jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=numbers)
 
     forward = jax.jit(conv, compiler_options=options)
@@ -105,8 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     options = compilation.compiler_options()
     for batch, size, channels in CONV_SHAPES:
         flops = 2.0 * batch * size * size * channels * channels * 9
-        ours_fwd, ours_both = jax_conv_fns(batch, size, channels, options)
-        ynn_fwd, ynn_both = jax_conv_fns(batch, size, channels, {})
+        ours_fwd, ours_both = jax_conv_fns(batch, size, channels, options, lensjax_conv=True)
+        ynn_fwd, ynn_both = jax_conv_fns(batch, size, channels, {}, lensjax_conv=False)
         torch_fwd, torch_both = torch_conv_fns(torch, batch, size, channels)
         name = f"conv3x3 {batch}x{size}x{size}x{channels}"
         row(name + " fwd", flops, ours_fwd, torch_fwd, ynn_fwd)
@@ -153,6 +161,7 @@ def time_alternatives(torch, repeats: int) -> None:
         jitted = jax.jit(fn, compiler_options=compilation.compiler_options())
         ms = best_seconds(lambda: jax.block_until_ready(jitted(*fn_args)), repeats) * 1e3
         print(f"  {name:<40} {ms:8.2f}")
+    time_strip_weight_grad(repeats)
     rows = np.random.default_rng(0).standard_normal((4 * 544, 1536)).astype(np.float32)
     jrows, trows = jnp.asarray(rows), torch.from_numpy(rows)
     trows_grad = trows.clone().requires_grad_(True)
@@ -167,6 +176,34 @@ def time_alternatives(torch, repeats: int) -> None:
           f"forward + backward {best_seconds(lambda: jax.block_until_ready(gelu_grad(jrows)), repeats) * 1e3:.2f}; "
           f"PyTorch forward {best_seconds(lambda: torch.nn.functional.gelu(trows), repeats) * 1e3:.2f}, "
           f"forward + backward {best_seconds(torch_both, repeats) * 1e3:.2f}")
+
+
+def time_strip_weight_grad(repeats: int) -> None:
+    """ms of the weight gradient at the UNet's first level (batch 2): XLA's, YNNPACK's,
+    and lensjax's on image strips (`layers.weight_grad_on_strips`)."""
+    from lensjax.models import layers
+
+    batch, size, channels = CONV_SHAPES[-1]
+    x = jax.random.normal(jax.random.key(0), (batch, size, size, channels))
+    dy = jax.random.normal(jax.random.key(2), (batch, size, size, channels))
+    w = jnp.zeros((3, 3, channels, channels))
+
+    def weight_grad(x, dy):
+        conv = lambda w: jax.lax.conv_general_dilated(  # noqa: E731
+            x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return jax.vjp(conv, w)[1](dy)[0]
+
+    strips = layers.strip_count(batch, size)
+    print(f"weight gradient at conv3x3 {batch}x{size}x{size}x{channels} (ms, best of {repeats})")
+    for name, fn, options in (
+            ("XLA convolution", weight_grad, compilation.compiler_options()),
+            ("YNNPACK convolution", weight_grad, {}),
+            (f"XLA on {strips} strips per image (lensjax)",
+             lambda x, dy: layers.weight_grad_on_strips(x, dy, w.shape, strips),
+             compilation.compiler_options())):
+        jitted = jax.jit(fn, compiler_options=options)
+        ms = best_seconds(lambda: jax.block_until_ready(jitted(x, dy)), repeats) * 1e3
+        print(f"  {name:<40} {ms:8.2f}")
 
 
 if __name__ == "__main__":

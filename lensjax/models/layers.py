@@ -130,10 +130,86 @@ def conv_patches(x: Array, kernel: Array, strides: Sequence[int]) -> Array:
     return out.reshape(batch, out_h, out_w, cout)
 
 
-def conv_xla(x: Array, kernel: Array, strides: Sequence[int]) -> Array:
-    """SAME convolution with lax.conv_general_dilated (what nnx.Conv computes)."""
+def _conv_same(x: Array, kernel: Array, strides: Sequence[int] = (1, 1)) -> Array:
     return lax.conv_general_dilated(x, kernel, tuple(strides), "SAME",
-                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
+                                    dimension_numbers=_DIMENSIONS)
+
+
+_DIMENSIONS = ("NHWC", "HWIO", "NHWC")
+# On CPU, the weight gradient of a stride-1 convolution of fewer images than this
+# is computed on horizontal strips of the images (see `strip_count`).
+STRIP_WEIGHT_GRAD_MIN_BATCH = 4
+
+
+def conv_xla(x: Array, kernel: Array, strides: Sequence[int]) -> Array:
+    """SAME convolution with lax.conv_general_dilated (what nnx.Conv computes).
+
+    On CPU a stride-1 convolution of fewer than STRIP_WEIGHT_GRAD_MIN_BATCH images
+    takes its weight gradient from `weight_grad_on_strips` (same values, summed in
+    another order).
+    """
+    if (jax.default_backend() == "cpu" and tuple(int(s) for s in strides) == (1, 1)
+            and strip_count(x.shape[0], x.shape[1]) > 1):
+        return _conv_small_batch(x, kernel)
+    return _conv_same(x, kernel, strides)
+
+
+def strip_count(batch: int, height: int) -> int:
+    """Horizontal strips per image for a CPU weight gradient: enough for
+    STRIP_WEIGHT_GRAD_MIN_BATCH strips in all, at most one per row.
+
+    XLA:CPU's weight gradient contracts over the batch, and with 2 images it is slow:
+    18 ms at 2 x 152 x 152 x 32 -> 32, against 7.8 ms on 2 strips per image
+    (`experiments/benchmarks/bench_kernels.py --alternatives` times both).
+    """
+    return max(1, min(height, -(-STRIP_WEIGHT_GRAD_MIN_BATCH // batch)))
+
+
+def weight_grad_on_strips(x: Array, dy: Array, kernel_shape: Sequence[int],
+                          strips: int) -> Array:
+    """Gradient of a stride-1 SAME convolution w.r.t. its kernel, from image strips.
+
+    x (B, H, W, cin), dy (B, H, W, cout) -> (kh, kw, cin, cout). Each image is cut
+    into `strips` bands of output rows, each with the kh - 1 input rows around it,
+    and the weight gradient of a VALID convolution is taken over the B * strips
+    bands at once; it equals the SAME convolution's (rows past H are zero padding).
+    """
+    kh, kw = int(kernel_shape[0]), int(kernel_shape[1])
+    batch, height, width, channels = x.shape
+    rows = -(-height // strips)
+    extra = rows * strips - height
+    (top, bottom), _ = _same_padding(height, kh, 1)
+    (left, right), _ = _same_padding(width, kw, 1)
+    padded = jnp.pad(x, ((0, 0), (top, bottom + extra), (left, right), (0, 0)))
+    bands = jnp.stack([padded[:, i * rows:i * rows + rows + kh - 1] for i in range(strips)], axis=1)
+    bands = bands.reshape(batch * strips, rows + kh - 1, width + kw - 1, channels)
+    dy_bands = jnp.pad(dy, ((0, 0), (0, extra), (0, 0), (0, 0)))
+    dy_bands = dy_bands.reshape(batch * strips, rows, width, dy.shape[-1])
+
+    def valid(kernel):
+        return lax.conv_general_dilated(bands, kernel, (1, 1), "VALID", dimension_numbers=_DIMENSIONS)
+
+    zeros = jnp.zeros((kh, kw, channels, dy.shape[-1]), dy.dtype)
+    return jax.vjp(valid, zeros)[1](dy_bands)[0]
+
+
+@jax.custom_vjp
+def _conv_small_batch(x: Array, kernel: Array) -> Array:
+    return _conv_same(x, kernel)
+
+
+def _conv_small_batch_fwd(x, kernel):
+    return _conv_same(x, kernel), (x, kernel)
+
+
+def _conv_small_batch_bwd(residuals, dy):
+    x, kernel = residuals
+    dx = jax.vjp(lambda x: _conv_same(x, kernel), x)[1](dy)[0]
+    dkernel = weight_grad_on_strips(x, dy, kernel.shape, strip_count(x.shape[0], x.shape[1]))
+    return dx, dkernel.astype(kernel.dtype)
+
+
+_conv_small_batch.defvjp(_conv_small_batch_fwd, _conv_small_batch_bwd)
 
 
 class Conv(nnx.Module):

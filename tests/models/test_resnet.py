@@ -130,6 +130,53 @@ def test_patches_conv_matches_xla_conv(kernel_size, strides, size, cin, cout):
     _assert_close_to_scale(layers.conv_patches(x, kernel, (strides, strides)), expected)
 
 
+def _lax_conv(x, kernel):
+    return jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME",
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+@pytest.mark.parametrize("batch, height, width, kernel_size, strips", [
+    (2, 19, 17, 3, 2), (1, 10, 10, 3, 4), (3, 7, 9, 5, 3), (2, 8, 8, 4, 2), (1, 6, 5, 3, 6),
+    (2, 152, 152, 3, 2)])
+def test_weight_gradient_on_strips_equals_xlas(batch, height, width, kernel_size, strips):
+    # Strips that do not divide the height, an even kernel (asymmetric SAME padding),
+    # one strip per row, and the UNet's first level.
+    key_x, key_w, key_dy = jax.random.split(jax.random.key(height * 10 + kernel_size), 3)
+    x = jax.random.normal(key_x, (batch, height, width, 4))
+    kernel = jax.random.normal(key_w, (kernel_size, kernel_size, 4, 6))
+    dy = jax.random.normal(key_dy, (batch, height, width, 6))
+    expected = jax.vjp(lambda k: _lax_conv(x, k), kernel)[1](dy)[0]
+    got = layers.weight_grad_on_strips(x, dy, kernel.shape, strips)
+    _assert_close_to_scale(got, expected)
+
+
+def test_strip_count():
+    assert layers.STRIP_WEIGHT_GRAD_MIN_BATCH == 4
+    assert layers.strip_count(1, 64) == 4 and layers.strip_count(2, 152) == 2
+    assert layers.strip_count(3, 64) == 2 and layers.strip_count(4, 64) == 1
+    assert layers.strip_count(1, 2) == 2  # never more strips than rows
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the strip path is CPU-only")
+@pytest.mark.parametrize("batch", [1, 2, 8])
+def test_conv_xla_values_and_gradients_equal_laxs_at_every_batch(batch):
+    # Small batches take the strip weight gradient (a custom VJP); 8 takes XLA's own.
+    x = _images(batch, 12, channels=5)
+    kernel = jax.random.normal(jax.random.key(7), (3, 3, 5, 7)) / np.sqrt(45.0)
+
+    def loss(conv):
+        return lambda x, k: jnp.sum(jnp.sin(conv(x, k)))
+
+    ours = jax.jit(jax.value_and_grad(loss(lambda x, k: layers.conv_xla(x, k, (1, 1))), (0, 1)))
+    lax_ = jax.jit(jax.value_and_grad(loss(_lax_conv), (0, 1)))
+    (value, (dx, dk)), (ref_value, (ref_dx, ref_dk)) = ours(x, kernel), lax_(x, kernel)
+    np.testing.assert_allclose(value, ref_value, rtol=1e-6)
+    np.testing.assert_array_equal(dx, ref_dx)
+    _assert_close_to_scale(dk, ref_dk)
+    uses_strips = "custom_vjp" in str(jax.make_jaxpr(lambda x: layers.conv_xla(x, kernel, (1, 1)))(x))
+    assert uses_strips == (batch < layers.STRIP_WEIGHT_GRAD_MIN_BATCH)
+
+
 def test_conv_module_equals_nnx_conv_for_both_impls():
     reference = nnx.Conv(6, 10, (3, 3), strides=2, padding="SAME", use_bias=True, rngs=nnx.Rngs(1))
     reference.bias[...] = jax.random.normal(jax.random.key(3), (10,))
