@@ -5,7 +5,7 @@ YNNPACK runs a convolution on a single thread: on the 2-core development CPU a
 3x3 convolution of 8 x 64 x 64 x 64 takes 23 ms forward and 72 ms forward + both
 gradients that way, against 14 / 44 ms with XLA's own (Eigen, multi-threaded)
 convolution, and 11 / 38 ms in PyTorch (`experiments/benchmarks/bench_kernels.py`
-times both: `--xla-convolutions ynn` gives the YNNPACK numbers). lensjax therefore
+times all three; its "YNN ms" column is XLA's default). lensjax therefore
 compiles its networks on CPU with the YNNPACK fusion types restricted to
 `CPU_YNN_FUSION_TYPES`: dots and reductions stay with YNNPACK (the dots are as
 fast as PyTorch's), convolutions go to XLA. Whole train steps, same process,
