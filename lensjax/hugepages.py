@@ -82,8 +82,8 @@ def restart_with_hugepages() -> None:
     Call it first thing in a `__main__` block (never from library code: it replaces
     the running process).
     """
-    if not sys.platform.startswith("linux"):
-        return
+    if not sys.platform.startswith("linux") or not sys.executable or len(sys.orig_argv) < 2:
+        return  # nothing to re-execute (an embedded interpreter, a bare REPL)
     env = restart_environment(os.environ, glibc_version(), transparent_hugepage_mode())
     if env is None:
         return
