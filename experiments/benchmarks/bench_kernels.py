@@ -46,6 +46,17 @@ CONV_SHAPES = ((8, 64, 64), (8, 32, 128), (8, 16, 256), (8, 8, 512), (2, 152, 32
 MATMUL_SHAPES = ((1024, 1024, 1024), (544, 384, 1152), (544, 384, 1536), (544, 1536, 384))
 
 
+def bare_conv(x, w):
+    """A SAME 3 x 3 convolution as XLA sees it without lensjax's layers."""
+    return jax.lax.conv_general_dilated(x, w, (1, 1), "SAME",
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def bare_weight_grad(x, dy, w):
+    """XLA's own weight gradient of `bare_conv` (w only gives the shape)."""
+    return jax.vjp(lambda w: bare_conv(x, w), w)[1](dy)[0]
+
+
 def jax_conv_fns(batch: int, size: int, channels: int, options: dict, lensjax_conv: bool):
     """(forward, forward + both gradients) of one convolution, jitted with `options`:
     lensjax's (`layers.conv_xla`, strip weight gradient for small batches on CPU) or
@@ -54,12 +65,7 @@ def jax_conv_fns(batch: int, size: int, channels: int, options: dict, lensjax_co
 
     x = jax.random.normal(jax.random.key(0), (batch, size, size, channels))
     w = jax.random.normal(jax.random.key(1), (3, 3, channels, channels)) * 0.05
-    numbers = ("NHWC", "HWIO", "NHWC")
-
-    def conv(x, w):
-        if lensjax_conv:
-            return layers.conv_xla(x, w, (1, 1))
-        return jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=numbers)
+    conv = (lambda x, w: layers.conv_xla(x, w, (1, 1))) if lensjax_conv else bare_conv
 
     forward = jax.jit(conv, compiler_options=options)
     both = jax.jit(jax.grad(lambda x, w: jnp.sum(jnp.square(conv(x, w))), argnums=(0, 1)),
@@ -149,15 +155,11 @@ def time_alternatives(torch, repeats: int) -> None:
         rows = [s.reshape(-1, channels).T @ dy.reshape(-1, channels) for s in shifted(x)]
         return jnp.stack(rows).reshape(3, 3, channels, channels)
 
-    def weight_grad_xla(x, dy):
-        conv = lambda w: jax.lax.conv_general_dilated(  # noqa: E731
-            x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
-        return jax.vjp(conv, w)[1](dy)[0]
-
     print(f"\nalternatives at conv3x3 {batch}x{size}x{size}x{channels} (ms, best of {repeats})")
     for name, fn, fn_args in (("im2col patch matrix alone", im2col, (x,)),
                               ("weight gradient, nine shifted matmuls", weight_grad_shifted, (x, dy)),
-                              ("weight gradient, XLA convolution", weight_grad_xla, (x, dy))):
+                              ("weight gradient, XLA convolution",
+                               lambda x, dy: bare_weight_grad(x, dy, w), (x, dy))):
         jitted = jax.jit(fn, compiler_options=compilation.compiler_options())
         ms = best_seconds(lambda: jax.block_until_ready(jitted(*fn_args)), repeats) * 1e3
         print(f"  {name:<40} {ms:8.2f}")
@@ -188,16 +190,12 @@ def time_strip_weight_grad(repeats: int) -> None:
     dy = jax.random.normal(jax.random.key(2), (batch, size, size, channels))
     w = jnp.zeros((3, 3, channels, channels))
 
-    def weight_grad(x, dy):
-        conv = lambda w: jax.lax.conv_general_dilated(  # noqa: E731
-            x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
-        return jax.vjp(conv, w)[1](dy)[0]
-
     strips = layers.strip_count(batch, size)
     print(f"weight gradient at conv3x3 {batch}x{size}x{size}x{channels} (ms, best of {repeats})")
     for name, fn, options in (
-            ("XLA convolution", weight_grad, compilation.compiler_options()),
-            ("YNNPACK convolution", weight_grad, {}),
+            ("XLA convolution", lambda x, dy: bare_weight_grad(x, dy, w),
+             compilation.compiler_options()),
+            ("YNNPACK convolution", lambda x, dy: bare_weight_grad(x, dy, w), {}),
             (f"XLA on {strips} strips per image (lensjax)",
              lambda x, dy: layers.weight_grad_on_strips(x, dy, w.shape, strips),
              compilation.compiler_options())):

@@ -459,5 +459,6 @@ def fid_features(model: FIDInceptionV3, images: Any, batch_size: int = 50, *,
         if count < batch_size:
             pad = np.zeros((batch_size - count, *batch.shape[1:]), batch.dtype)
             batch = np.concatenate([batch, pad])
-        features.append(np.asarray(_jitted_pool3_features()(graphdef, state, jnp.asarray(batch)))[:count])
+        pool3 = _jitted_pool3_features()(graphdef, state, jnp.asarray(batch))
+        features.append(np.asarray(pool3)[:count])
     return np.concatenate(features)

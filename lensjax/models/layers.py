@@ -130,12 +130,14 @@ def conv_patches(x: Array, kernel: Array, strides: Sequence[int]) -> Array:
     return out.reshape(batch, out_h, out_w, cout)
 
 
+_DIMENSIONS = ("NHWC", "HWIO", "NHWC")
+
+
 def _conv_same(x: Array, kernel: Array, strides: Sequence[int] = (1, 1)) -> Array:
     return lax.conv_general_dilated(x, kernel, tuple(strides), "SAME",
                                     dimension_numbers=_DIMENSIONS)
 
 
-_DIMENSIONS = ("NHWC", "HWIO", "NHWC")
 # On CPU, the weight gradient of a stride-1 convolution of fewer images than this
 # is computed on horizontal strips of the images (see `strip_count`).
 STRIP_WEIGHT_GRAD_MIN_BATCH = 4
@@ -159,7 +161,7 @@ def strip_count(batch: int, height: int) -> int:
     STRIP_WEIGHT_GRAD_MIN_BATCH strips in all, at most one per row.
 
     XLA:CPU's weight gradient contracts over the batch, and with 2 images it is slow:
-    18 ms at 2 x 152 x 152 x 32 -> 32, against 7.8 ms on 2 strips per image
+    18 ms at 2 x 152 x 152 x 32 -> 32, against 7.0-7.8 ms on 2 strips per image
     (`experiments/benchmarks/bench_kernels.py --alternatives` times both).
     """
     return max(1, min(height, -(-STRIP_WEIGHT_GRAD_MIN_BATCH // batch)))
