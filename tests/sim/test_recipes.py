@@ -242,3 +242,36 @@ def test_bad_overrides_and_labels_raise():
         get_preset("model_i").sample(jax.random.key(0), 2, label="vort")
     with pytest.raises(ValueError, match="batch_size"):
         get_preset("model_i").sample(jax.random.key(0), 0)
+
+
+def test_eager_batch_split_over_host_threads_equals_one_program(monkeypatch):
+    """An eager CPU call split over two threads (parts copied into shared host
+    buffers) gives the batch of one jitted program, as uncommitted arrays."""
+    monkeypatch.setattr(recipes, "_host_cores", lambda: 2)
+    preset = get_preset("model_ii")
+    key, batch = jax.random.key(3), 16
+    assert recipes._host_workers(batch, key, 0) == 2
+    images, labels, params = preset.sample(key, batch)
+    ref_images, ref_labels, ref_params = jax.jit(lambda k: preset.sample(k, batch))(key)
+    for got in (images, labels, *params.values()):
+        assert not got.committed
+    np.testing.assert_array_equal(np.asarray(labels), np.asarray(ref_labels))
+    np.testing.assert_allclose(np.asarray(images), np.asarray(ref_images), rtol=1e-5,
+                               atol=1e-6 * float(np.abs(ref_images).max()))
+    for name, value in params.items():
+        np.testing.assert_allclose(np.asarray(value), np.asarray(ref_params[name]), rtol=1e-5,
+                                   err_msg=name)
+
+
+def test_gather_on_host_keeps_part_order_dtypes_and_key_leaves():
+    def part(w):
+        return {"x": jnp.full((3, 2), w, jnp.bfloat16), "n": jnp.arange(3, dtype=jnp.int32) + 3 * w,
+                "key": jax.random.split(jax.random.key(w), 3)}
+
+    out = recipes._gather_on_host(part, workers=2, part=3)
+    assert out["x"].dtype == jnp.bfloat16 and out["x"].shape == (6, 2)
+    np.testing.assert_array_equal(np.asarray(out["x"], np.float32)[:, 0], [0, 0, 0, 1, 1, 1])
+    np.testing.assert_array_equal(np.asarray(out["n"]), np.arange(6))
+    np.testing.assert_array_equal(
+        jax.random.key_data(out["key"]),
+        np.concatenate([jax.random.key_data(part(w)["key"]) for w in range(2)]))
