@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lensjax.models import register
-from lensjax.models.layers import CONV_IMPLS, Conv
+from lensjax.models.layers import CONV_IMPLS, Conv, max_pool
 
 Array = jax.Array
 
@@ -153,7 +153,7 @@ class ResNet(nnx.Module):
             raise ValueError(f"expected images of shape (B, H, W, {self.in_channels}), got {x.shape}")
         y = nnx.relu(self.stem_bn(self.stem_conv(x)))
         if self.stem == "imagenet":
-            y = nnx.max_pool(y, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+            y = max_pool(y, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         for block in self.blocks:
             y = block(y)
         return jnp.mean(y, axis=(1, 2))
