@@ -8,6 +8,9 @@ Times, for both frameworks in the same run (alternating, best of `--repeats`):
     as lensjax runs it (`layers.conv_xla` compiled with `lensjax.compilation`: XLA's
     own convolution on CPU, the weight gradient on image strips below batch 4) and a
     bare convolution with XLA's default (YNNPACK convolutions, "YNN ms");
+  - the 3 x 3 / 2 max pool of the ResNet-18 ImageNet stem (`resnet18_150`: batch 16,
+    75 px, 64 channels), forward + backward: lensjax's `layers.max_pool` and XLA's
+    reduce_window with its own gradient (in the "YNN ms" column: XLA's default);
   - float32 matmuls: a square one and the shapes of the ViT-S MAE step
     (544 tokens x 384 features, batch 32 x 17 visible tokens).
 It prints GFLOP/s of each side and their ratio, so the train-step ratios of
@@ -42,6 +45,8 @@ from lensjax import compilation  # noqa: E402
 # (batch, map size, channels) of the 3 x 3 convolutions of resnet18_64, one per
 # stage, and of the first level of unet_150.
 CONV_SHAPES = ((8, 64, 64), (8, 32, 128), (8, 16, 256), (8, 8, 512), (2, 152, 32))
+# (batch, map size, channels) of the max pool of resnet18_150's ImageNet stem.
+POOL_SHAPE = (16, 75, 64)
 # (m, k, n) float32 matmuls: square, then ViT-S MAE encoder shapes (qkv and MLP).
 MATMUL_SHAPES = ((1024, 1024, 1024), (544, 384, 1152), (544, 384, 1536), (544, 1536, 384))
 
@@ -72,6 +77,33 @@ def jax_conv_fns(batch: int, size: int, channels: int, options: dict, lensjax_co
                    compiler_options=options)
     return (lambda: jax.block_until_ready(forward(x, w)),
             lambda: jax.block_until_ready(both(x, w)))
+
+
+def pool_fns(torch, options: dict):
+    """Forward + backward of the ResNet-18 stem's 3 x 3 / 2 max pool (padding 1):
+    lensjax's `layers.max_pool`, XLA's reduce_window with its default gradient
+    (select-and-scatter), and PyTorch's max_pool2d."""
+    from lensjax.models import layers
+
+    batch, size, channels = POOL_SHAPE
+    x = jax.nn.relu(jax.random.normal(jax.random.key(0), (batch, size, size, channels)))
+    window, strides, padding = (3, 3), (2, 2), ((1, 1), (1, 1))
+
+    def reduce_window(x):
+        return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, *window, 1),
+                                     (1, *strides, 1), ((0, 0), *padding, (0, 0)))
+
+    def both(pool):
+        grad = jax.jit(jax.grad(lambda x: jnp.sum(jnp.square(pool(x)))), compiler_options=options)
+        return lambda: jax.block_until_ready(grad(x))
+
+    x_torch = torch.from_numpy(np.asarray(x)).permute(0, 3, 1, 2).contiguous().requires_grad_(True)
+
+    def torch_both():
+        x_torch.grad = None
+        torch.nn.functional.max_pool2d(x_torch, 3, 2, 1).square().sum().backward()
+    return (both(lambda x: layers.max_pool(x, window, strides, padding)), both(reduce_window),
+            torch_both)
 
 
 def torch_conv_fns(torch, batch: int, size: int, channels: int):
@@ -125,6 +157,10 @@ def main(argv: list[str] | None = None) -> int:
         name = f"conv3x3 {batch}x{size}x{size}x{channels}"
         row(name + " fwd", flops, ours_fwd, torch_fwd, ynn_fwd)
         row(name + " fwd+bwd", 3 * flops, ours_both, torch_both, ynn_both)
+    ours, xla_default, theirs = pool_fns(torch, options)
+    batch, size, channels = POOL_SHAPE
+    row(f"maxpool3x3/2 {batch}x{size}x{size}x{channels} fwd+bwd",
+        9.0 * batch * channels * (-(-size // 2)) ** 2, ours, theirs, xla_default)
     for m, k, n in MATMUL_SHAPES:
         a, b = (np.random.default_rng(0).standard_normal(s).astype(np.float32) for s in ((m, k), (k, n)))
         ja, jb = jnp.asarray(a), jnp.asarray(b)
