@@ -97,7 +97,7 @@ def pool_fns(torch, options: dict):
         grad = jax.jit(jax.grad(lambda x: jnp.sum(jnp.square(pool(x)))), compiler_options=options)
         return lambda: jax.block_until_ready(grad(x))
 
-    x_torch = torch.from_numpy(np.asarray(x)).permute(0, 3, 1, 2).contiguous().requires_grad_(True)
+    x_torch = torch.from_numpy(np.array(x)).permute(0, 3, 1, 2).contiguous().requires_grad_(True)
 
     def torch_both():
         x_torch.grad = None

@@ -225,10 +225,11 @@ def max_pool(x: Array, window: Sequence[int], strides: Sequence[int],
 
     x (B, H, W, C) -> (B, Ho, Wo, C); window, strides: (kh, kw), (sh, sw); padding:
     ((top, bottom), (left, right)). On CPU the gradient is `_max_pool_strided`'s:
-    XLA:CPU's gradient of a reduce_window max (select-and-scatter) takes 108 ms
+    XLA:CPU's gradient of a reduce_window max (select-and-scatter) takes 58 ms
     forward + backward for the ResNet-18 stem's 3x3 / 2 pool of 16 x 75 x 75 x 64,
-    this one 7.1 ms and PyTorch's 23.5 ms. Same values; a tie goes to the first
-    maximum of the window in row-major order, as in XLA and PyTorch.
+    this one 8 ms and PyTorch's 26 ms (`experiments/benchmarks/bench_kernels.py`).
+    Same values; a tie goes to the first maximum of the window in row-major
+    order, as in XLA and PyTorch.
     """
     window, strides = tuple(int(k) for k in window), tuple(int(s) for s in strides)
     padding = tuple((int(lo), int(hi)) for lo, hi in padding)
