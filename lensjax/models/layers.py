@@ -1,4 +1,4 @@
-"""Layers shared by lensjax's convolutional networks (ResNet, UNet).
+"""Layers shared by lensjax's networks (ResNet, UNet, ViT).
 
 Convolution implementation (`conv_impl`)
 ----------------------------------------
@@ -213,6 +213,33 @@ def _conv_small_batch_bwd(residuals, dy):
 
 
 _conv_small_batch.defvjp(_conv_small_batch_fwd, _conv_small_batch_bwd)
+
+
+# ----------------------------------------------------------------------------
+# Attention
+# ----------------------------------------------------------------------------
+
+def dot_product_attention(query: Array, key: Array, value: Array) -> Array:
+    """Softmax attention without mask: (B, T, heads, head_dim) each -> (B, T, heads, head_dim).
+
+    Logits and softmax are computed in float32 whatever the input dtype, and the
+    weights are cast back to it for the product with `value`, as
+    `jax.nn.dot_product_attention` does; that function is used off CPU (where it
+    may pick a fused cuDNN kernel). On XLA:CPU the plain einsum / exp / sum below
+    is 1.1-2.2x faster forward + backward than it (UNet 2 x 361 tokens x 4 heads:
+    4.7 vs 10.4 ms; ViT-S MAE 32 x 17 x 6: 1.5 vs 1.9 ms; one-off timing). In
+    whole train steps the difference is within this machine's noise (MAE 1.005x;
+    UNet 0.96x and 1.04x in two in-process A/Bs).
+    """
+    if jax.default_backend() != "cpu":
+        return jax.nn.dot_product_attention(query, key, value)
+    scale = 1.0 / float(query.shape[-1]) ** 0.5
+    logits = jnp.einsum("bqhd,bkhd->bhqk", query, key,
+                        preferred_element_type=jnp.float32) * scale
+    logits = logits - lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+    weights = jnp.exp(logits)
+    weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    return jnp.einsum("bhqk,bkhd->bqhd", weights.astype(value.dtype), value)
 
 
 # ----------------------------------------------------------------------------

@@ -54,7 +54,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lensjax.models import register
-from lensjax.models.layers import CONV_IMPLS, Conv
+from lensjax.models.layers import CONV_IMPLS, Conv, dot_product_attention
 
 Array = jax.Array
 
@@ -166,7 +166,7 @@ class AttentionBlock(nnx.Module):
         batch, height, width, features = x.shape
         qkv = self.qkv(self.norm(x)).reshape(batch, height * width, 3, self.num_heads,
                                              features // self.num_heads)
-        out = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
+        out = dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
         out = self.proj(out.reshape(batch, height, width, features))
         return x.astype(out.dtype) + out
 

@@ -48,6 +48,7 @@ import numpy as np
 from flax import nnx
 
 from lensjax.models import register
+from lensjax.models.layers import dot_product_attention
 
 Array = jax.Array
 
@@ -212,7 +213,7 @@ class SelfAttention(nnx.Module):
         qkv = self.qkv(x).reshape(batch, length, 3, self.num_heads, width // self.num_heads)
         # dot_product_attention takes (B, T, heads, head_dim) and computes the
         # logits and softmax in float32 even for bfloat16 inputs.
-        out = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
+        out = dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
         return self.proj(out.reshape(batch, length, width))
 
 

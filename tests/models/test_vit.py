@@ -300,3 +300,24 @@ def test_layer_ids_for_layer_wise_lr_decay():
     assert model.layer_id("encoder/blocks/2/mlp/fc1/bias") == 3
     assert model.layer_id("encoder/norm/scale") == 4
     assert model.layer_id("head/kernel") == 4
+
+
+@pytest.mark.parametrize("shape", [(2, 17, 6, 64), (1, 361, 4, 32)])
+def test_attention_equals_jax_dot_product_attention(shape):
+    """lensjax's CPU attention against jax.nn.dot_product_attention: values and the
+    gradients of q, k and v in float32; dtype and values in bfloat16."""
+    from lensjax.models.layers import dot_product_attention
+
+    q, k, v = (jax.random.normal(jax.random.key(i), shape) for i in range(3))
+    dout = jax.random.normal(jax.random.key(3), shape)
+    ours = jax.vjp(dot_product_attention, q, k, v)
+    ref = jax.vjp(jax.nn.dot_product_attention, q, k, v)
+    np.testing.assert_allclose(np.asarray(ours[0]), np.asarray(ref[0]), rtol=1e-5, atol=1e-5)
+    for got, expected in zip(ours[1](dout), ref[1](dout)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-4, atol=1e-5)
+    qb, kb, vb = (a.astype(jnp.bfloat16) for a in (q, k, v))
+    out = dot_product_attention(qb, kb, vb)
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(out, np.float32),
+                               np.asarray(jax.nn.dot_product_attention(qb, kb, vb), np.float32),
+                               atol=2e-2)
