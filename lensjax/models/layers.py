@@ -216,6 +216,96 @@ _conv_small_batch.defvjp(_conv_small_batch_fwd, _conv_small_batch_bwd)
 
 
 # ----------------------------------------------------------------------------
+# Group normalisation
+# ----------------------------------------------------------------------------
+
+def _group_stats(x: Array, groups: int) -> tuple[Array, Array]:
+    """Mean and variance (B, G) of NHWC x over (H, W, channels of the group), float32.
+
+    Sums per (image, channel) come first, with channels contiguous, then the group
+    sums of those; variance as E[x^2] - E[x]^2, as nnx.GroupNorm computes it.
+    """
+    batch, height, width, channels = x.shape
+    flat = x.astype(jnp.float32).reshape(batch, height * width, channels)
+    count = height * width * (channels // groups)
+    mean = jnp.sum(flat, axis=1).reshape(batch, groups, -1).sum(-1) / count
+    mean_sq = jnp.sum(flat * flat, axis=1).reshape(batch, groups, -1).sum(-1) / count
+    return mean, jnp.maximum(mean_sq - mean * mean, 0.0)
+
+
+def _per_channel(values: Array, channels: int) -> Array:
+    """(B, G) group values -> (B, 1, 1, C), each channel its group's value."""
+    batch, groups = values.shape
+    return jnp.repeat(values, channels // groups, axis=1).reshape(batch, 1, 1, channels)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def group_norm(x: Array, scale: Array, bias: Array, groups: int, epsilon: float) -> Array:
+    """GroupNorm of NHWC x (B, H, W, C) with per-channel scale, bias (C,) float32.
+
+    Statistics in float32; the result has x's dtype. Same values as nnx.GroupNorm;
+    the gradient is written out (two reductions per (image, channel) and one
+    elementwise pass), 1.2-4x faster forward + backward than differentiating
+    nnx.GroupNorm on CPU at the UNet's shapes, e.g. 2 x 76 x 76 x 64 in 32 groups:
+    0.58 vs 2.35 ms (PyTorch 0.34 ms; one-off timing).
+    """
+    return _group_norm_fwd(x, scale, bias, groups, epsilon)[0]
+
+
+def _group_norm_fwd(x, scale, bias, groups, epsilon):
+    channels = x.shape[-1]
+    mean, var = _group_stats(x, groups)
+    inv_std = lax.rsqrt(var + epsilon)
+    gain = _per_channel(inv_std, channels) * scale        # y = x * gain + shift
+    shift = bias - _per_channel(mean, channels) * gain
+    return (x * gain + shift).astype(x.dtype), (x, mean, inv_std, scale)
+
+
+def _group_norm_bwd(groups, epsilon, residuals, dy):
+    """With x_hat = (x - mean) inv_std and g = dy scale, per group:
+    dx = inv_std (g - mean(g) - x_hat mean(g x_hat)); dscale = sum(dy x_hat), dbias = sum(dy)."""
+    x, mean, inv_std, scale = residuals
+    batch, height, width, channels = x.shape
+    size = channels // groups
+    dy32 = dy.astype(jnp.float32).reshape(batch, height * width, channels)
+    sum_dy = jnp.sum(dy32, axis=1)                                   # (B, C)
+    sum_dy_x = jnp.sum(dy32 * x.astype(jnp.float32).reshape(dy32.shape), axis=1)
+    mean_c, inv_c = (jnp.repeat(v, size, axis=1) for v in (mean, inv_std))
+    sum_dy_xhat = (sum_dy_x - mean_c * sum_dy) * inv_c               # (B, C)
+    count = height * width * size
+    mean_g = (sum_dy * scale).reshape(batch, groups, size).sum(-1) / count
+    mean_g_xhat = (sum_dy_xhat * scale).reshape(batch, groups, size).sum(-1) / count
+    inv, m_g, m_gx, mu = (_per_channel(v, channels) for v in (inv_std, mean_g, mean_g_xhat, mean))
+    # dx = dy * (inv scale) + x * (-inv^2 m_gx) + (inv^2 m_gx mu - inv m_g), one pass.
+    dx = dy * (inv * scale) - x * (inv * inv * m_gx) + (inv * inv * m_gx * mu - inv * m_g)
+    return (dx.astype(x.dtype), jnp.sum(sum_dy_xhat, 0).astype(scale.dtype),
+            jnp.sum(sum_dy, 0).astype(scale.dtype))
+
+
+group_norm.defvjp(_group_norm_fwd, _group_norm_bwd)
+
+
+class GroupNorm(nnx.Module):
+    """GroupNorm over NHWC maps: the parameters (`scale`, `bias`), values and dtype
+    rules of `nnx.GroupNorm`, with `group_norm`'s written-out gradient."""
+
+    def __init__(self, num_features: int, *, num_groups: int, epsilon: float = 1e-5,
+                 dtype: Any = None, param_dtype: Any = jnp.float32, rngs: nnx.Rngs | None = None):
+        if num_groups < 1 or num_features % num_groups:
+            raise ValueError(f"num_groups={num_groups} must divide num_features={num_features}")
+        self.num_groups, self.epsilon, self.dtype = num_groups, epsilon, dtype
+        self.scale = nnx.Param(jnp.ones((num_features,), param_dtype))
+        self.bias = nnx.Param(jnp.zeros((num_features,), param_dtype))
+
+    def __call__(self, x: Array) -> Array:
+        """x (B, H, W, C) -> (B, H, W, C) in `dtype` (default: x's and the parameters' common dtype)."""
+        scale, bias = self.scale[...], self.bias[...]
+        out_dtype = self.dtype or jnp.result_type(x, scale, bias)
+        return group_norm(x.astype(out_dtype), scale.astype(jnp.float32), bias.astype(jnp.float32),
+                          self.num_groups, float(self.epsilon))
+
+
+# ----------------------------------------------------------------------------
 # Attention
 # ----------------------------------------------------------------------------
 

@@ -54,7 +54,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lensjax.models import register
-from lensjax.models.layers import CONV_IMPLS, Conv, dot_product_attention
+from lensjax.models.layers import CONV_IMPLS, Conv, GroupNorm, dot_product_attention
 
 Array = jax.Array
 
@@ -117,8 +117,8 @@ def attention_levels(attention_resolutions: Sequence[int], image_size: int,
     return tuple(sorted(sizes.index(size) for size in set(attention_resolutions)))
 
 
-def _group_norm(features: int, num_groups: int, dtype: Any, rngs: nnx.Rngs) -> nnx.GroupNorm:
-    return nnx.GroupNorm(features, num_groups=num_groups, epsilon=1e-5, dtype=dtype, rngs=rngs)
+def _group_norm(features: int, num_groups: int, dtype: Any, rngs: nnx.Rngs) -> GroupNorm:
+    return GroupNorm(features, num_groups=num_groups, epsilon=1e-5, dtype=dtype, rngs=rngs)
 
 
 class ResBlock(nnx.Module):

@@ -257,3 +257,51 @@ def test_adam_on_the_eps_loss_fits_a_few_images():
     final = float(evaluate(params))
     assert 0.8 < initial < 1.2                     # zero output: the loss is the noise power
     assert final < initial / 10, (initial, final)
+
+
+@pytest.mark.parametrize("shape, groups", [((2, 12, 12, 32), 32), ((2, 10, 10, 64), 32),
+                                           ((3, 7, 5, 16), 4), ((1, 6, 6, 8), 1)])
+def test_group_norm_equals_nnx_group_norm_with_gradients(shape, groups):
+    """lensjax's GroupNorm (written-out gradient) against nnx.GroupNorm: same
+    parameters, outputs and gradients for x, scale and bias, on inputs with a
+    non-zero mean and a random scale and bias."""
+    from lensjax.models.layers import GroupNorm
+
+    channels = shape[-1]
+    ours = GroupNorm(channels, num_groups=groups, rngs=nnx.Rngs(0))
+    ref = nnx.GroupNorm(channels, num_groups=groups, epsilon=1e-5, rngs=nnx.Rngs(0))
+    assert jax.tree.structure(nnx.state(ours, nnx.Param)) == jax.tree.structure(
+        nnx.state(ref, nnx.Param))
+    scale = 1.0 + 0.3 * jax.random.normal(jax.random.key(1), (channels,))
+    bias = 0.1 * jax.random.normal(jax.random.key(2), (channels,))
+    for module in (ours, ref):
+        module.scale[...] = scale
+        module.bias[...] = bias
+    x = 1.5 + 2.0 * jax.random.normal(jax.random.key(3), shape)
+    dy = jax.random.normal(jax.random.key(4), shape)
+
+    def grads(module):
+        graphdef, params = nnx.split(module, nnx.Param)
+        fn = lambda p, x: nnx.merge(graphdef, p)(x)
+        y, vjp = jax.vjp(fn, params, x)
+        return y, vjp(dy)
+
+    (y_ours, (p_ours, x_ours)), (y_ref, (p_ref, x_ref)) = grads(ours), grads(ref)
+    np.testing.assert_allclose(np.asarray(y_ours), np.asarray(y_ref), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(x_ours), np.asarray(x_ref), rtol=1e-4, atol=1e-5)
+    for name in ("scale", "bias"):
+        np.testing.assert_allclose(np.asarray(p_ours[name][...]), np.asarray(p_ref[name][...]),
+                                   rtol=1e-4, atol=1e-4, err_msg=name)
+
+
+def test_group_norm_bfloat16_and_bad_groups():
+    from lensjax.models.layers import GroupNorm
+
+    norm = GroupNorm(8, num_groups=4, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(0), (2, 4, 4, 8))
+    y = norm(x)
+    assert y.dtype == jnp.bfloat16 and norm.scale[...].dtype == jnp.float32
+    ref = nnx.GroupNorm(8, num_groups=4, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))(x)
+    np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(ref, np.float32), atol=3e-2)
+    with pytest.raises(ValueError, match="must divide"):
+        GroupNorm(10, num_groups=4, rngs=nnx.Rngs(0))
