@@ -89,10 +89,6 @@ def pool_fns(torch, options: dict):
     x = jax.nn.relu(jax.random.normal(jax.random.key(0), (batch, size, size, channels)))
     window, strides, padding = (3, 3), (2, 2), ((1, 1), (1, 1))
 
-    def reduce_window(x):
-        return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, *window, 1),
-                                     (1, *strides, 1), ((0, 0), *padding, (0, 0)))
-
     def both(pool):
         grad = jax.jit(jax.grad(lambda x: jnp.sum(jnp.square(pool(x)))), compiler_options=options)
         return lambda: jax.block_until_ready(grad(x))
@@ -102,7 +98,8 @@ def pool_fns(torch, options: dict):
     def torch_both():
         x_torch.grad = None
         torch.nn.functional.max_pool2d(x_torch, 3, 2, 1).square().sum().backward()
-    return (both(lambda x: layers.max_pool(x, window, strides, padding)), both(reduce_window),
+    pools = (layers.max_pool, layers.max_pool_xla)
+    return (*(both(lambda x, pool=pool: pool(x, window, strides, padding)) for pool in pools),
             torch_both)
 
 

@@ -228,9 +228,14 @@ def _group_stats(x: Array, groups: int) -> tuple[Array, Array]:
     batch, height, width, channels = x.shape
     flat = x.astype(jnp.float32).reshape(batch, height * width, channels)
     count = height * width * (channels // groups)
-    mean = jnp.sum(flat, axis=1).reshape(batch, groups, -1).sum(-1) / count
-    mean_sq = jnp.sum(flat * flat, axis=1).reshape(batch, groups, -1).sum(-1) / count
+    mean = _group_sums(jnp.sum(flat, axis=1), groups) / count
+    mean_sq = _group_sums(jnp.sum(flat * flat, axis=1), groups) / count
     return mean, jnp.maximum(mean_sq - mean * mean, 0.0)
+
+
+def _group_sums(per_channel: Array, groups: int) -> Array:
+    """(B, C) per-channel values -> (B, G) sums over each group's channels."""
+    return per_channel.reshape(per_channel.shape[0], groups, -1).sum(-1)
 
 
 def _per_channel(values: Array, channels: int) -> Array:
@@ -273,8 +278,8 @@ def _group_norm_bwd(groups, epsilon, residuals, dy):
     mean_c, inv_c = (jnp.repeat(v, size, axis=1) for v in (mean, inv_std))
     sum_dy_xhat = (sum_dy_x - mean_c * sum_dy) * inv_c               # (B, C)
     count = height * width * size
-    mean_g = (sum_dy * scale).reshape(batch, groups, size).sum(-1) / count
-    mean_g_xhat = (sum_dy_xhat * scale).reshape(batch, groups, size).sum(-1) / count
+    mean_g = _group_sums(sum_dy * scale, groups) / count
+    mean_g_xhat = _group_sums(sum_dy_xhat * scale, groups) / count
     inv, m_g, m_gx, mu = (_per_channel(v, channels) for v in (inv_std, mean_g, mean_g_xhat, mean))
     # dx = dy * (inv scale) + x * (-inv^2 m_gx) + (inv^2 m_gx mu - inv m_g), one pass.
     dx = dy * (inv * scale) - x * (inv * inv * m_gx) + (inv * inv * m_gx * mu - inv * m_g)
@@ -352,6 +357,12 @@ def max_pool(x: Array, window: Sequence[int], strides: Sequence[int],
     padding = tuple((int(lo), int(hi)) for lo, hi in padding)
     if jax.default_backend() == "cpu":
         return _max_pool_strided(x, window, strides, padding)
+    return max_pool_xla(x, window, strides, padding)
+
+
+def max_pool_xla(x: Array, window: Sequence[int], strides: Sequence[int],
+                 padding: Sequence[tuple[int, int]]) -> Array:
+    """`max_pool` as one lax.reduce_window (XLA's gradient: select-and-scatter)."""
     return lax.reduce_window(x, -jnp.inf, lax.max, (1, *window, 1), (1, *strides, 1),
                              ((0, 0), *padding, (0, 0)))
 

@@ -177,11 +177,6 @@ def test_conv_xla_values_and_gradients_equal_laxs_at_every_batch(batch):
     assert uses_strips == (batch < layers.STRIP_WEIGHT_GRAD_MIN_BATCH)
 
 
-def _reduce_window_max(x, window, strides, padding):
-    return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, *window, 1), (1, *strides, 1),
-                                 ((0, 0), *padding, (0, 0)))
-
-
 @pytest.mark.parametrize("size, window, strides, padding", [
     (75, (3, 3), (2, 2), ((1, 1), (1, 1))),   # the ResNet-18 stem at 150 px
     (32, (3, 3), (2, 2), ((1, 1), (1, 1))),   # even map
@@ -194,11 +189,12 @@ def test_max_pool_values_and_gradients_equal_reduce_window(size, window, strides
     (the gradient must go to the first of them, as XLA's and PyTorch's do)."""
     x = jnp.round(4 * jax.nn.relu(jax.random.normal(jax.random.key(0), (2, size, size + 1, 3)))) / 4
     y = layers.max_pool(x, window, strides, padding)
-    expected = _reduce_window_max(x, window, strides, padding)
+    expected = layers.max_pool_xla(x, window, strides, padding)
     np.testing.assert_array_equal(np.asarray(y), np.asarray(expected))
     dy = jax.random.normal(jax.random.key(1), y.shape)
     grad = jax.vjp(lambda x: layers.max_pool(x, window, strides, padding), x)[1](dy)[0]
-    expected_grad = jax.vjp(lambda x: _reduce_window_max(x, window, strides, padding), x)[1](dy)[0]
+    expected_grad = jax.vjp(lambda x: layers.max_pool_xla(x, window, strides, padding),
+                            x)[1](dy)[0]
     np.testing.assert_allclose(np.asarray(grad), np.asarray(expected_grad), rtol=1e-6, atol=1e-6)
     assert float(jnp.mean(x == 0)) > 0.4  # the ties are really there
 
