@@ -5,7 +5,7 @@ Convolution implementation (`conv_impl`)
 XLA:CPU convolutions are very uneven: some shapes are fast, others are 10-60x
 slower than the same maths written as a matmul (e.g. fwd+bwd of a 3x3 conv on a
 32x2x2x512 input: 800 ms as a convolution, 13 ms as a matmul). `Conv` therefore
-offers three implementations of one function (same kernel (kh, kw, cin, cout),
+offers four implementations of one function (same kernel (kh, kw, cin, cout),
 SAME padding, same strides):
 
   "xla"      `lax.conv_general_dilated`, as `nnx.Conv`.
@@ -14,13 +14,32 @@ SAME padding, same strides):
              reshaped to (kh*kw*cin, cout). (`lax.conv_general_dilated_patches`
              was measured too; it is itself a convolution and was 3-10x slower
              than "xla" on CPU, so it is not used.)
+  "onednn"   CPU only: the forward pass and (stride 1) the input gradient in
+             oneDNN, through the oneDNN runtime inside jaxlib's XLA:CPU
+             (`lensjax.models.onednn`); XLA's weight gradient. Same values as
+             "xla" to float32 rounding.
   "auto"     decided per layer at trace time by `choose_conv_impl`: "xla" on
-             GPU/TPU; on CPU "patches" for 1x1 kernels (plain matmuls), a
-             single input channel (the stem), strides > 1, cin >= 512, or output
-             maps of at most 4 pixels (2x2); "xla" for every other convolution.
+             GPU/TPU; on CPU, where oneDNN convolutions are available
+             (`onednn.available()`), "onednn" for float32 stride-1 convolutions
+             with a kernel larger than 1x1 and more than one input channel;
+             "patches" for 1x1 kernels (plain matmuls), a single input channel
+             (the stem), strides > 1, cin >= 512, or output maps of at most
+             4 pixels (2x2); "xla" for every other convolution.
 
-Evidence for the CPU rule (2-core AMD EPYC, jax 0.10.2, compiled as lensjax
-compiles its networks: XLA's own convolution, not YNNPACK's, see
+Evidence for "onednn" (same machine, jitted fwd+bwd of one layer as lensjax
+compiles it, huge pages, best of 8, ms; one-off timing): stride 1, 3x3:
+8x8x8x512 38.9 patches / 41.1 xla / 35.2 onednn; 16x5x5x512 30.4 / 33.4 / 26.7;
+64x2x2x128 1.72 / 10.6 / 1.76. Strided layers and single-channel stems stay on
+"patches": 8x64x64 64->128 /2 30.7 / 32.3 / 35.9; 16x150x150 1->64 7x7/2
+33.1 / 50.9 / 46.9; 8x64x64 1->64 3.9 / 9.9 / 10.5. Per pass
+(`experiments/benchmarks/bench_kernels.py`), oneDNN's forward and input gradient
+are 10-35% faster than XLA's at every 3x3 shape of the benchmarked networks, and
+at or above PyTorch's. Whole train steps, same process, alternating single
+steps, median of 21 (one-off): ResNet-18 64 px 1.07x, ResNet-18 150 px 1.07x,
+UNet 1.02-1.06x faster than with LENSJAX_ONEDNN=0 (the rule below, without oneDNN).
+
+Evidence for the rest of the CPU rule, without oneDNN (2-core AMD EPYC, jax 0.10.2,
+compiled as lensjax compiles its networks: XLA's own convolution, not YNNPACK's, see
 `lensjax.compilation`; jitted fwd+bwd of one conv at the shapes and batch sizes of
 the benchmarked networks, best of 5 interleaved runs, ms; from
 `python experiments/benchmarks/bench_conv.py --layers`):
@@ -66,9 +85,11 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
+from lensjax.models import onednn
+
 Array = jax.Array
 
-CONV_IMPLS = ("xla", "patches", "auto")
+CONV_IMPLS = ("xla", "patches", "onednn", "auto")
 # CPU rule of "auto" (see the module docstring): input-channel count from which
 # "patches" is used at every map size, and the output-map size (pixels per
 # image) up to which it is used at every channel count.
@@ -85,16 +106,23 @@ def conv_output_size(input_size: Sequence[int], strides: Sequence[int]) -> tuple
 
 def choose_conv_impl(kernel_size: Sequence[int], in_features: int,
                      strides: Sequence[int] = (1, 1), output_size: Sequence[int] | None = None,
-                     backend: str | None = None) -> str:
+                     backend: str | None = None, dtype: Any = jnp.float32,
+                     onednn_available: bool | None = None) -> str:
     """The implementation "auto" resolves to for one layer: "xla" off CPU; on CPU see the module docstring.
 
     output_size: (Ho, Wo) of the layer, when known (at trace time it is).
+    onednn_available: whether oneDNN convolutions work here (default: `onednn.available()`).
     """
     backend = jax.default_backend() if backend is None else backend
     if backend != "cpu":
         return "xla"
     kh, kw = kernel_size
     strided = any(int(s) > 1 for s in strides)
+    if onednn_available is None:
+        onednn_available = onednn.available(backend)
+    if (onednn_available and jnp.dtype(dtype) == jnp.float32 and kh * kw > 1 and in_features > 1
+            and not strided):
+        return "onednn"
     tiny_map = (output_size is not None
                 and int(output_size[0]) * int(output_size[1]) <= PATCHES_MAX_OUTPUT_PIXELS)
     if (kh * kw == 1 or in_features == 1 or strided or tiny_map
@@ -213,6 +241,60 @@ def _conv_small_batch_bwd(residuals, dy):
 
 
 _conv_small_batch.defvjp(_conv_small_batch_fwd, _conv_small_batch_bwd)
+
+
+def same_padding(input_size: Sequence[int], kernel_size: Sequence[int],
+                 strides: Sequence[int]) -> tuple[tuple[int, int], tuple[int, int]]:
+    """((top, bottom), (left, right)) of a SAME convolution, as lax.conv_general_dilated pads."""
+    return tuple(_same_padding(int(n), int(k), int(s))[0]
+                 for n, k, s in zip(input_size, kernel_size, strides))
+
+
+def conv_onednn(x: Array, kernel: Array, strides: Sequence[int]) -> Array:
+    """SAME convolution by oneDNN (CPU): the values of `conv_xla`, computed faster.
+
+    x (B, H, W, cin) float32, kernel (kh, kw, cin, cout) -> (B, Ho, Wo, cout). The
+    forward pass and, for stride 1, the input gradient run in oneDNN
+    (`lensjax.models.onednn`); the weight gradient is XLA's (on image strips for
+    batches under STRIP_WEIGHT_GRAD_MIN_BATCH), as is the input gradient of strided
+    convolutions. Raises RuntimeError where oneDNN convolutions are unavailable.
+    """
+    if not onednn.available():
+        raise RuntimeError(
+            "conv_impl='onednn' needs XLA:CPU's oneDNN convolutions, which are unavailable here "
+            f"(backend {jax.default_backend()!r}, or {onednn.ENV_SWITCH}=0, or this jaxlib "
+            "failed lensjax's oneDNN probe); use conv_impl='auto' or 'xla'")
+    strides = tuple(int(s) for s in strides)
+    padding = same_padding(x.shape[1:3], kernel.shape[:2], strides)
+    return _conv_onednn(x, kernel, strides, padding)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv_onednn(x, kernel, strides, padding):
+    return onednn.conv(x, kernel, strides, padding)
+
+
+def _conv_onednn_fwd(x, kernel, strides, padding):
+    return onednn.conv(x, kernel, strides, padding), (x, kernel)
+
+
+def _conv_onednn_bwd(strides, padding, residuals, dy):
+    x, kernel = residuals
+    if strides != (1, 1):
+        return jax.vjp(lambda x, k: _conv_same(x, k, strides), x, kernel)[1](dy)
+    strips = strip_count(x.shape[0], x.shape[1])
+    if strips == 1:
+        dkernel = jax.vjp(lambda k: _conv_same(x, k), kernel)[1](dy)[0]
+    else:
+        dkernel = weight_grad_on_strips(x, dy, kernel.shape, strips)
+        # The strips' pad and stack copies run on one thread each; overlapping them
+        # with oneDNN's two-thread input gradient stalls it, so the input gradient
+        # waits for the weight gradient (UNet step 1.02-1.04x faster in two A/Bs).
+        dy, dkernel = lax.optimization_barrier((dy, dkernel))
+    return onednn.input_grad(dy, kernel, padding), dkernel.astype(kernel.dtype)
+
+
+_conv_onednn.defvjp(_conv_onednn_fwd, _conv_onednn_bwd)
 
 
 # ----------------------------------------------------------------------------
@@ -450,19 +532,23 @@ class Conv(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype)) if use_bias else None
 
     def resolved_impl(self, input_size: Sequence[int] | None = None) -> str:
-        """"xla" or "patches": what this layer runs on the current default backend for an
-        input of spatial size `input_size` (H, W) (None: decide without the map size)."""
+        """"xla", "patches" or "onednn": what this layer runs on the current default backend
+        for an input of spatial size `input_size` (H, W) (None: decide without the map size)."""
         if self.conv_impl == "auto":
             output_size = None if input_size is None else conv_output_size(input_size, self.strides)
-            return choose_conv_impl(self.kernel_size, self.in_features, self.strides, output_size)
+            return choose_conv_impl(self.kernel_size, self.in_features, self.strides, output_size,
+                                    dtype=self.dtype)
         return self.conv_impl
 
     def __call__(self, x: Array) -> Array:
         """x (B, H, W, in_features) -> (B, ceil(H/sh), ceil(W/sw), out_features) in `dtype`."""
         x = x.astype(self.dtype)
         kernel = self.kernel[...].astype(self.dtype)
-        if self.resolved_impl(x.shape[1:3]) == "patches":
+        impl = self.resolved_impl(x.shape[1:3])
+        if impl == "patches":
             y = conv_patches(x, kernel, self.strides)
+        elif impl == "onednn":
+            y = conv_onednn(x, kernel, self.strides)
         else:
             y = conv_xla(x, kernel, self.strides)
         if self.bias is not None:

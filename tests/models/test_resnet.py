@@ -20,7 +20,7 @@ import pytest
 from flax import nnx
 
 from lensjax.models import MODELS, get_model, register
-from lensjax.models import layers, resnet
+from lensjax.models import layers, onednn, resnet
 
 TINY = dict(width=8)
 
@@ -211,20 +211,25 @@ def test_conv_module_equals_nnx_conv_for_both_impls():
 
 
 def test_choose_conv_impl_rule():
-    assert layers.choose_conv_impl((3, 3), 512, backend="gpu") == "xla"
-    assert layers.choose_conv_impl((3, 3), 512, (2, 2), (1, 1), backend="tpu") == "xla"
-    assert layers.choose_conv_impl((3, 3), 512, backend="cpu") == "patches"
-    assert layers.choose_conv_impl((3, 3), 64, output_size=(38, 38), backend="cpu") == "xla"
-    assert layers.choose_conv_impl((3, 3), 16, backend="cpu") == "xla"
-    assert layers.choose_conv_impl((3, 3), 16, (2, 2), backend="cpu") == "patches"
-    assert layers.choose_conv_impl((3, 3), 128, output_size=(2, 2), backend="cpu") == "patches"
-    assert layers.choose_conv_impl((3, 3), 128, output_size=(4, 4), backend="cpu") == "xla"
-    assert layers.choose_conv_impl((1, 1), 16, backend="cpu") == "patches"
-    assert layers.choose_conv_impl((7, 7), 1, (2, 2), backend="cpu") == "patches"
+    # Without oneDNN (LENSJAX_ONEDNN=0 or another jaxlib); tests/models/test_onednn.py has the rest.
+    def rule(*args, **kwargs):
+        return layers.choose_conv_impl(*args, onednn_available=False, **kwargs)
+
+    assert rule((3, 3), 512, backend="gpu") == "xla"
+    assert rule((3, 3), 512, (2, 2), (1, 1), backend="tpu") == "xla"
+    assert rule((3, 3), 512, backend="cpu") == "patches"
+    assert rule((3, 3), 64, output_size=(38, 38), backend="cpu") == "xla"
+    assert rule((3, 3), 16, backend="cpu") == "xla"
+    assert rule((3, 3), 16, (2, 2), backend="cpu") == "patches"
+    assert rule((3, 3), 128, output_size=(2, 2), backend="cpu") == "patches"
+    assert rule((3, 3), 128, output_size=(4, 4), backend="cpu") == "xla"
+    assert rule((1, 1), 16, backend="cpu") == "patches"
+    assert rule((7, 7), 1, (2, 2), backend="cpu") == "patches"
     assert layers.conv_output_size((75, 150), (2, 2)) == (38, 75)
 
 
-def test_auto_resolves_per_layer_from_the_input_map():
+def test_auto_resolves_per_layer_from_the_input_map(monkeypatch):
+    monkeypatch.setenv(onednn.ENV_SWITCH, "0")   # the map-size part of the rule is oneDNN-free
     conv = layers.Conv(64, 64, 3, conv_impl="auto", rngs=nnx.Rngs(0))
     expected = "xla" if jax.default_backend() != "cpu" else "patches"
     assert conv.resolved_impl((2, 2)) == expected
