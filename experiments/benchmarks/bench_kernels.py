@@ -1,27 +1,29 @@
-"""Where the train-step gap to PyTorch comes from on CPU: single kernels, XLA vs PyTorch.
+"""Where the train-step gap to PyTorch comes from on CPU: single kernels, lensjax vs PyTorch.
 
 Times, for both frameworks in the same run (alternating, best of `--repeats`):
   - a 3 x 3, stride-1, "same" convolution at each stage of the stride-1 ResNet-18
     of bench_train.py (`resnet18_64`: batch 8, maps 64 / 32 / 16 / 8 px with 64 /
     128 / 256 / 512 channels) and the first level of the diffusion UNet (`unet_150`:
-    batch 2, 152 px, 32 channels), forward alone and forward + both gradients,
-    as lensjax runs it (`layers.conv_xla` compiled with `lensjax.compilation`: XLA's
-    own convolution on CPU, the weight gradient on image strips below batch 4) and a
-    bare convolution with XLA's default (YNNPACK convolutions, "YNN ms");
+    batch 2, 152 px, 32 channels): forward, input gradient, weight gradient and
+    forward + both gradients, as lensjax runs it ("lensjax ms": the implementation
+    `layers.Conv`'s "auto" picks on this machine, oneDNN's forward and input
+    gradient where available, compiled with `lensjax.compilation`), as XLA's own
+    convolution ("XLA ms": `layers.conv_xla`, what lensjax ran before oneDNN; weight
+    gradient on image strips below batch 4) and as a bare convolution with XLA's
+    default (YNNPACK convolutions, "YNN ms");
   - the 3 x 3 / 2 max pool of the ResNet-18 ImageNet stem (`resnet18_150`: batch 16,
     75 px, 64 channels), forward + backward: lensjax's `layers.max_pool` and XLA's
     reduce_window with its own gradient (in the "YNN ms" column: XLA's default);
   - float32 matmuls: a square one and the shapes of the ViT-S MAE step
     (544 tokens x 384 features, batch 32 x 17 visible tokens).
 It prints GFLOP/s of each side and their ratio, so the train-step ratios of
-bench_train.py can be traced to the kernels that cause them. lensjax's own
-convolution (`lensjax.models.layers.Conv`, "auto") uses XLA's convolution for
-all of these layer shapes on CPU. `--alternatives` also times the rejected ways
-around XLA's convolution at the 8 x 64 x 64 x 64 layer (building the im2col
-patch matrix; the weight gradient as nine shifted matmuls), the weight gradient
-of the UNet's batch-2 layer on image strips, and the exact GELU.
+bench_train.py can be traced to the kernels that cause them. `--alternatives`
+also times the rejected ways around XLA's convolution at the 8 x 64 x 64 x 64
+layer (building the im2col patch matrix; the weight gradient as nine shifted
+matmuls), the weight gradient of the UNet's batch-2 layer on image strips, and
+the exact GELU.
 
-    python experiments/benchmarks/bench_kernels.py                 # about 1 minute on 2 cores
+    python experiments/benchmarks/bench_kernels.py                 # about 2 minutes on 2 cores
     python experiments/benchmarks/bench_kernels.py --alternatives
 """
 
@@ -62,21 +64,43 @@ def bare_weight_grad(x, dy, w):
     return jax.vjp(lambda w: bare_conv(x, w), w)[1](dy)[0]
 
 
-def jax_conv_fns(batch: int, size: int, channels: int, options: dict, lensjax_conv: bool):
-    """(forward, forward + both gradients) of one convolution, jitted with `options`:
-    lensjax's (`layers.conv_xla`, strip weight gradient for small batches on CPU) or
-    the bare `lax.conv_general_dilated`."""
+def lensjax_conv(channels: int, size: int, impl: str):
+    """The convolution function of `impl` ("auto": what `layers.Conv` picks for this layer)."""
     from lensjax.models import layers
+
+    if impl == "auto":
+        impl = layers.choose_conv_impl((3, 3), channels, (1, 1), (size, size))
+    return {"onednn": layers.conv_onednn, "xla": layers.conv_xla,
+            "patches": layers.conv_patches}[impl], impl
+
+
+def jax_conv_fns(batch: int, size: int, channels: int, options: dict, impl: str | None):
+    """(forward, input gradient, weight gradient, forward + both gradients) of one
+    convolution, jitted with `options`: lensjax's `impl` ("auto", "xla") or, for None,
+    the bare `lax.conv_general_dilated` with XLA's own gradients."""
+    from lensjax.models import layers, onednn
 
     x = jax.random.normal(jax.random.key(0), (batch, size, size, channels))
     w = jax.random.normal(jax.random.key(1), (3, 3, channels, channels)) * 0.05
-    conv = (lambda x, w: layers.conv_xla(x, w, (1, 1))) if lensjax_conv else bare_conv
-
-    forward = jax.jit(conv, compiler_options=options)
-    both = jax.jit(jax.grad(lambda x, w: jnp.sum(jnp.square(conv(x, w))), argnums=(0, 1)),
-                   compiler_options=options)
-    return (lambda: jax.block_until_ready(forward(x, w)),
-            lambda: jax.block_until_ready(both(x, w)))
+    dy = jax.random.normal(jax.random.key(2), (batch, size, size, channels))
+    if impl is None:
+        conv, name = bare_conv, "bare"
+    else:
+        fn, name = lensjax_conv(channels, size, impl)
+        conv = lambda x, w: fn(x, w, (1, 1))  # noqa: E731
+    if name == "onednn":
+        padding = layers.same_padding((size, size), (3, 3), (1, 1))
+        input_grad = lambda x, w, dy: onednn.input_grad(dy, w, padding)  # noqa: E731
+    else:
+        input_grad = lambda x, w, dy: jax.vjp(lambda x: conv(x, w), x)[1](dy)[0]  # noqa: E731
+    if name in ("onednn", "xla"):
+        weight_grad = lambda x, w, dy: layers.weight_grad(x, dy, w.shape)  # noqa: E731
+    else:
+        weight_grad = lambda x, w, dy: jax.vjp(lambda w: conv(x, w), w)[1](dy)[0]  # noqa: E731
+    both = jax.grad(lambda x, w: jnp.sum(jnp.square(conv(x, w))), argnums=(0, 1))
+    jitted = [jax.jit(f, compiler_options=options) for f in (conv, input_grad, weight_grad, both)]
+    args = ((x, w), (x, w, dy), (x, w, dy), (x, w))
+    return [lambda f=f, a=a: jax.block_until_ready(f(*a)) for f, a in zip(jitted, args)]
 
 
 def pool_fns(torch, options: dict):
@@ -104,19 +128,27 @@ def pool_fns(torch, options: dict):
 
 
 def torch_conv_fns(torch, batch: int, size: int, channels: int):
+    """PyTorch's (forward, input gradient, weight gradient, forward + both gradients)."""
     layer = torch.nn.Conv2d(channels, channels, 3, padding=1, bias=False)
     x = torch.randn(batch, channels, size, size)
+    dy = torch.randn(batch, channels, size, size)
     x_grad = x.clone().requires_grad_(True)
 
     def forward():
         with torch.no_grad():
             layer(x)
 
+    def grad(mask):
+        def run():
+            torch.ops.aten.convolution_backward(dy, x, layer.weight, None, [1, 1], [1, 1], [1, 1],
+                                                False, [0, 0], 1, mask)
+        return run
+
     def both():
         layer.zero_grad(set_to_none=True)
         x_grad.grad = None
         layer(x_grad).square().sum().backward()
-    return forward, both
+    return forward, grad([True, False, False]), grad([False, True, False]), both
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,30 +166,33 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__} with "
           f"{torch.get_num_threads()} threads, {platform.machine()} {cores} cores, load average "
           f"{os.getloadavg()[0]:.2f}; float32, best of {args.repeats}")
-    print(f"{'kernel':<40} {'XLA ms':>8} {'YNN ms':>8} {'torch ms':>9} {'XLA GFLOP/s':>12} "
-          f"{'torch GFLOP/s':>14} {'XLA / torch':>12}")
+    print(f"{'kernel':<40} {'lensjax ms':>10} {'XLA ms':>8} {'YNN ms':>8} {'torch ms':>9} "
+          f"{'lensjax GFLOP/s':>16} {'torch GFLOP/s':>14} {'lensjax / torch':>16}")
 
-    def row(name, flops, ours, theirs, ynn=None):
+    def row(name, flops, ours, theirs, ynn=None, xla=None):
         t_ours, t_theirs = best_seconds(ours, args.repeats), best_seconds(theirs, args.repeats)
-        t_ynn = f"{best_seconds(ynn, args.repeats) * 1e3:8.2f}" if ynn else f"{'-':>8}"
-        print(f"{name:<40} {t_ours * 1e3:8.2f} {t_ynn} {t_theirs * 1e3:9.2f} "
-              f"{flops / t_ours / 1e9:12.1f} {flops / t_theirs / 1e9:14.1f} "
-              f"{t_theirs / t_ours:11.2f}x", flush=True)
+        extra = [f"{best_seconds(fn, args.repeats) * 1e3:8.2f}" if fn else f"{'-':>8}"
+                 for fn in (xla, ynn)]
+        print(f"{name:<40} {t_ours * 1e3:10.2f} {extra[0]} {extra[1]} {t_theirs * 1e3:9.2f} "
+              f"{flops / t_ours / 1e9:16.1f} {flops / t_theirs / 1e9:14.1f} "
+              f"{t_theirs / t_ours:15.2f}x", flush=True)
 
     # lensjax's options (XLA convolutions on CPU) vs XLA's default (YNNPACK's).
     options = compilation.compiler_options()
     for batch, size, channels in CONV_SHAPES:
         flops = 2.0 * batch * size * size * channels * channels * 9
-        ours_fwd, ours_both = jax_conv_fns(batch, size, channels, options, lensjax_conv=True)
-        ynn_fwd, ynn_both = jax_conv_fns(batch, size, channels, {}, lensjax_conv=False)
-        torch_fwd, torch_both = torch_conv_fns(torch, batch, size, channels)
+        impl = lensjax_conv(channels, size, "auto")[1]
+        ours = jax_conv_fns(batch, size, channels, options, "auto")
+        xla = jax_conv_fns(batch, size, channels, options, "xla")
+        ynn = jax_conv_fns(batch, size, channels, {}, None)
+        theirs = torch_conv_fns(torch, batch, size, channels)
         name = f"conv3x3 {batch}x{size}x{size}x{channels}"
-        row(name + " fwd", flops, ours_fwd, torch_fwd, ynn_fwd)
-        row(name + " fwd+bwd", 3 * flops, ours_both, torch_both, ynn_both)
+        for k, part in enumerate((f"fwd ({impl})", "input grad", "weight grad", "fwd+bwd")):
+            row(f"{name} {part}", flops * (3 if k == 3 else 1), ours[k], theirs[k], ynn[k], xla[k])
     ours, xla_default, theirs = pool_fns(torch, options)
     batch, size, channels = POOL_SHAPE
     row(f"maxpool3x3/2 {batch}x{size}x{size}x{channels} fwd+bwd",
-        9.0 * batch * channels * (-(-size // 2)) ** 2, ours, theirs, xla_default)
+        9.0 * batch * channels * (-(-size // 2)) ** 2, ours, theirs, ynn=xla_default)
     for m, k, n in MATMUL_SHAPES:
         a, b = (np.random.default_rng(0).standard_normal(s).astype(np.float32) for s in ((m, k), (k, n)))
         ja, jb = jnp.asarray(a), jnp.asarray(b)
