@@ -139,7 +139,10 @@ def _same_padding(size: int, kernel: int, stride: int) -> tuple[tuple[int, int],
 
 
 def conv_patches(x: Array, kernel: Array, strides: Sequence[int]) -> Array:
-    """SAME convolution as im2col + matmul: x (B, H, W, cin), kernel (kh, kw, cin, cout) -> (B, Ho, Wo, cout)."""
+    """SAME convolution as im2col + matmul: x (B, H, W, cin), kernel (kh, kw, cin, cout) -> (B, Ho, Wo, cout).
+
+    The matmul is `dense_dot_general`'s (oneDNN on CPU: no copy of the transposed
+    patch matrix for the weight gradient)."""
     kh, kw, cin, cout = kernel.shape
     batch, height, width, channels = x.shape
     if channels != cin:
@@ -155,7 +158,8 @@ def conv_patches(x: Array, kernel: Array, strides: Sequence[int]) -> Array:
                       (1, sh, sw, 1))
             for i in range(kh) for j in range(kw)]
     patches = taps[0] if len(taps) == 1 else jnp.concatenate(taps, axis=-1)
-    out = patches.reshape(-1, kh * kw * cin) @ kernel.reshape(kh * kw * cin, cout)
+    out = dense_dot_general(patches.reshape(-1, kh * kw * cin), kernel.reshape(kh * kw * cin, cout),
+                            (((1,), (0,)), ((), ())))
     return out.reshape(batch, out_h, out_w, cout)
 
 
@@ -301,6 +305,48 @@ def _conv_onednn_bwd(strides, padding, residuals, dy):
 
 
 _conv_onednn.defvjp(_conv_onednn_fwd, _conv_onednn_bwd)
+
+
+# ----------------------------------------------------------------------------
+# Dense layers
+# ----------------------------------------------------------------------------
+
+def dense_dot_general(lhs: Array, rhs: Array, dimension_numbers, precision=None,
+                      preferred_element_type=None, **kwargs) -> Array:
+    """`lax.dot_general` for `nnx.Linear(dot_general=...)`: lhs (..., K) @ rhs (K, N).
+
+    On CPU, for float32 operands where oneDNN is available, the product and its
+    gradients are oneDNN matmuls (`onednn.matmul`; the weight gradient x^T dy reads x
+    transposed in place, where XLA:CPU copies it); elsewhere, and for any other
+    contraction, dtype or option, it is lax.dot_general itself.
+    """
+    (contract, batch) = dimension_numbers
+    standard = (tuple(contract[0]) == (lhs.ndim - 1,) and tuple(contract[1]) == (0,)
+                and not batch[0] and not batch[1] and rhs.ndim == 2)
+    if (not standard or precision is not None or preferred_element_type is not None
+            or kwargs.get("out_sharding") is not None
+            or lhs.dtype != jnp.float32 or rhs.dtype != jnp.float32 or not onednn.available()):
+        return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                               preferred_element_type=preferred_element_type, **kwargs)
+    out = _dense(lhs.reshape(-1, lhs.shape[-1]), rhs)
+    return out.reshape(*lhs.shape[:-1], rhs.shape[1])
+
+
+@jax.custom_vjp
+def _dense(x: Array, kernel: Array) -> Array:
+    return onednn.matmul(x, kernel)
+
+
+def _dense_fwd(x, kernel):
+    return onednn.matmul(x, kernel), (x, kernel)
+
+
+def _dense_bwd(residuals, dy):
+    x, kernel = residuals
+    return (onednn.matmul(dy, kernel, transpose_b=True), onednn.matmul(x, dy, transpose_a=True))
+
+
+_dense.defvjp(_dense_fwd, _dense_bwd)
 
 
 # ----------------------------------------------------------------------------

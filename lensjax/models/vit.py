@@ -48,7 +48,7 @@ import numpy as np
 from flax import nnx
 
 from lensjax.models import register
-from lensjax.models.layers import dot_product_attention
+from lensjax.models.layers import dense_dot_general, dot_product_attention
 
 Array = jax.Array
 
@@ -189,8 +189,10 @@ def sincos_position_embedding(dim: int, rows: int, cols: int) -> np.ndarray:
 # ----------------------------------------------------------------------------
 
 def xavier_linear(in_features: int, out_features: int, *, dtype: Any, rngs: nnx.Rngs) -> nnx.Linear:
-    """Linear layer (in_features -> out_features) with Xavier-uniform kernel and zero bias, float32 params."""
-    return nnx.Linear(in_features, out_features, dtype=dtype, kernel_init=xavier_uniform, rngs=rngs)
+    """Linear layer (in_features -> out_features) with Xavier-uniform kernel and zero bias,
+    float32 params; its matmuls are `dense_dot_general`'s (oneDNN on CPU)."""
+    return nnx.Linear(in_features, out_features, dtype=dtype, kernel_init=xavier_uniform,
+                      dot_general=dense_dot_general, rngs=rngs)
 
 
 def layer_norm(features: int, *, dtype: Any, rngs: nnx.Rngs) -> nnx.LayerNorm:

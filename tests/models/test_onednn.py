@@ -174,3 +174,85 @@ def test_networks_equal_their_xla_versions():
         _assert_close_to_scale(outputs["onednn"][0], outputs["xla"][0], tol=1e-4)
         for got, want in zip(jax.tree.leaves(outputs["onednn"][1]), jax.tree.leaves(outputs["xla"][1])):
             _assert_close_to_scale(got, want, tol=1e-4)
+
+
+# ----------------------------------------------------------------------------
+# Matmuls and dense layers
+# ----------------------------------------------------------------------------
+
+@requires_onednn
+@pytest.mark.parametrize("transpose_a, transpose_b", [(False, False), (True, False), (False, True),
+                                                      (True, True)])
+def test_matmul_equals_numpy_with_operands_read_transposed(transpose_a, transpose_b):
+    rng = np.random.default_rng(int(transpose_a) * 2 + int(transpose_b))
+    a, b = rng.standard_normal((13, 7)).astype(np.float32), rng.standard_normal((7, 5)).astype(np.float32)
+    got = jax.jit(lambda a, b: onednn.matmul(a, b, transpose_a, transpose_b))(
+        a.T.copy() if transpose_a else a, b.T.copy() if transpose_b else b)
+    _assert_close_to_scale(got, a @ b)
+    with pytest.raises(TypeError, match="does not fit"):
+        onednn.matmul(a, a)
+    with pytest.raises(ValueError, match="2-D"):
+        onednn.matmul(a[None], b)
+
+
+_DENSE = (((2,), (0,)), ((), ()))
+
+
+@requires_onednn
+def test_dense_dot_general_values_gradients_and_fallbacks():
+    x = jax.random.normal(jax.random.key(0), (4, 6, 12))
+    kernel = jax.random.normal(jax.random.key(1), (12, 9)) / np.sqrt(12)
+
+    def loss(dot):
+        return lambda x, k: jnp.sum(jnp.sin(dot(x, k, _DENSE)))
+
+    ours = jax.jit(jax.value_and_grad(loss(layers.dense_dot_general), (0, 1)))
+    ref = jax.jit(jax.value_and_grad(loss(jax.lax.dot_general), (0, 1)))
+    for got, want in zip(jax.tree.leaves(ours(x, kernel)), jax.tree.leaves(ref(x, kernel))):
+        _assert_close_to_scale(got, want)
+    assert ours.lower(x, kernel).as_text().count(onednn.MATMUL_TARGET) == 3   # fwd, dx, dk
+    # bfloat16, another contraction and explicit precision go to lax.dot_general.
+    for args in ((x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16), _DENSE),
+                 (x, x, (((2,), (2,)), ((0,), (0,))))):
+        assert onednn.MATMUL_TARGET not in jax.jit(
+            lambda a, b, dn=args[2]: layers.dense_dot_general(a, b, dn)).lower(*args[:2]).as_text()
+    precise = jax.jit(lambda a, b: layers.dense_dot_general(a, b, _DENSE, precision="highest"))
+    assert onednn.MATMUL_TARGET not in precise.lower(x, kernel).as_text()
+
+
+@requires_onednn
+def test_sharded_dense_sums_the_weight_gradient_over_devices():
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    x = jax.random.normal(jax.random.key(0), (16, 5, 12))
+    kernel = jax.random.normal(jax.random.key(1), (12, 8)) / np.sqrt(12)
+    step = jax.jit(jax.grad(lambda x, k: jnp.sum(jnp.sin(layers.dense_dot_general(x, k, _DENSE))),
+                            (0, 1)))
+    sharded = step(jax.device_put(x, NamedSharding(mesh, P("data"))),
+                   jax.device_put(kernel, NamedSharding(mesh, P(None, "data"))))   # FSDP-like
+    for got, want in zip(sharded, step(x, kernel)):
+        _assert_close_to_scale(got, want)
+    compiled = step.lower(jax.device_put(x, NamedSharding(mesh, P("data"))), kernel).compile().as_text()
+    local = re.findall(r"= f32\[([\d,]+)\]\S* custom-call\(.*" + re.escape(onednn.MATMUL_TARGET),
+                       compiled)
+    assert sorted(local) == ["10,12", "10,8", "12,8"], local     # 80 rows / 8 devices
+    assert "all-reduce" in compiled
+
+
+@requires_onednn
+def test_mae_is_the_same_function_with_and_without_onednn(monkeypatch):
+    model = get_model("mae", rngs=nnx.Rngs(0), image_size=16, patch_size=4, width=32, depth=1,
+                      num_heads=2, decoder_width=16, decoder_depth=1, decoder_heads=2)
+    images = jax.random.uniform(jax.random.key(3), (2, 16, 16, 1))
+    graphdef, state = nnx.split(model)
+
+    def loss(state):
+        return nnx.merge(graphdef, state)(images, jax.random.key(4)).loss
+
+    results = {}
+    for switch in ("1", "0"):
+        monkeypatch.setenv(onednn.ENV_SWITCH, switch)
+        step = compilation.jit(jax.value_and_grad(loss))
+        assert (onednn.MATMUL_TARGET in step.lower(state).as_text()) == (switch == "1")
+        results[switch] = step(state)
+    for got, want in zip(jax.tree.leaves(results["1"]), jax.tree.leaves(results["0"])):
+        _assert_close_to_scale(got, want, tol=1e-4)
