@@ -15,6 +15,11 @@ XLA's weight gradient is slow (it contracts over the batch), and
 `lensjax.models.layers.conv_xla` computes it on image strips instead. With the strips
 the UNet step at batch 2 takes 1023 ms against 1142 ms with YNNPACK's convolutions.
 
+Where oneDNN runs convolutions (`lensjax.models.onednn`: their forward pass and
+input gradient), XLA's convolution is left with the weight gradients, where it is
+still faster than YNNPACK's single thread (8 x 64 x 64 x 64: 16.7 vs 25.6 ms;
+`bench_kernels.py`'s "weight grad" rows).
+
 The option is passed per jitted function (`jit(...)` below, or
 `compiler_options()` to `jax.jit`), so nothing global changes. A user who sets
 `--xla_cpu_experimental_ynn_fusion_type` in XLA_FLAGS keeps their choice.

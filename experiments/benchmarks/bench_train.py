@@ -19,6 +19,7 @@ Cases (defaults sized for a 2-core CPU; --batch-size overrides):
     python experiments/benchmarks/bench_train.py                       # the table (minutes)
     python experiments/benchmarks/bench_train.py --quick               # smoke run, < 1 minute
     python experiments/benchmarks/bench_train.py --models resnet18_64 --rounds 7
+    LENSJAX_ONEDNN=1 python experiments/benchmarks/bench_train.py   # with oneDNN's kernels (opt-in)
     python experiments/benchmarks/bench_train.py --dtype bfloat16 --batch-size 256   # GPU box:
         # bf16 compute vs PyTorch AMP (bf16 autocast) + channels_last; prints MFU
 """
@@ -200,17 +201,11 @@ def flops_per_step(lower: Callable[[], Any]) -> float | None:
     does not see inside oneDNN's custom calls. None where unavailable."""
     from lensjax.models import onednn
 
-    previous = os.environ.get(onednn.ENV_SWITCH)
-    os.environ[onednn.ENV_SWITCH] = "0"
     try:
-        cost = lower().cost_analysis()
+        with onednn.switch(False):
+            cost = lower().cost_analysis()
     except Exception:  # best-effort on some backends
         return None
-    finally:
-        if previous is None:
-            del os.environ[onednn.ENV_SWITCH]
-        else:
-            os.environ[onednn.ENV_SWITCH] = previous
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return float((cost or {}).get("flops", 0.0)) or None
 
@@ -353,7 +348,8 @@ def machine_line(torch_device: str) -> str:
             f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores | "
             f"load average {os.getloadavg()[0]:.2f} | "
             f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r} (both frameworks) | "
-            f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+            f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r} | "
+            f"LENSJAX_ONEDNN={os.environ.get('LENSJAX_ONEDNN', '')!r}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,8 +20,9 @@ SAME padding, same strides):
              "xla" to float32 rounding.
   "auto"     decided per layer at trace time by `choose_conv_impl`: "xla" on
              GPU/TPU; on CPU, where oneDNN convolutions are available
-             (`onednn.available()`), "onednn" for float32 stride-1 convolutions
-             with a kernel larger than 1x1 and more than one input channel;
+             (`onednn.available()`: opted in with LENSJAX_ONEDNN=1), "onednn" for
+             float32 stride-1 convolutions with a kernel larger than 1x1 and
+             more than one input channel;
              "patches" for 1x1 kernels (plain matmuls), a single input channel
              (the stem), strides > 1, cin >= 512, or output maps of at most
              4 pixels (2x2); "xla" for every other convolution.
@@ -36,7 +37,8 @@ compiles it, huge pages, best of 8, ms; one-off timing): stride 1, 3x3:
 are 10-35% faster than XLA's at every 3x3 shape of the benchmarked networks, and
 at or above PyTorch's. Whole train steps, same process, alternating single
 steps, median of 21 (one-off): ResNet-18 64 px 1.07x, ResNet-18 150 px 1.07x,
-UNet 1.02-1.06x faster than with LENSJAX_ONEDNN=0 (the rule below, without oneDNN).
+UNet 1.02-1.06x faster than without oneDNN (the rule below). oneDNN is opt-in
+(LENSJAX_ONEDNN=1; `lensjax.models.onednn` says why).
 
 Evidence for the rest of the CPU rule, without oneDNN (2-core AMD EPYC, jax 0.10.2,
 compiled as lensjax compiles its networks: XLA's own convolution, not YNNPACK's, see
@@ -264,9 +266,10 @@ def conv_onednn(x: Array, kernel: Array, strides: Sequence[int]) -> Array:
     """
     if not onednn.available():
         raise RuntimeError(
-            "conv_impl='onednn' needs XLA:CPU's oneDNN convolutions, which are unavailable here "
-            f"(backend {jax.default_backend()!r}, or {onednn.ENV_SWITCH}=0, or this jaxlib "
-            "failed lensjax's oneDNN probe); use conv_impl='auto' or 'xla'")
+            "conv_impl='onednn' needs XLA:CPU's oneDNN convolutions, which are off here: set "
+            f"{onednn.ENV_SWITCH}=1 to opt in (backend now {jax.default_backend()!r}; they run "
+            "on CPU with a jaxlib that passes lensjax's oneDNN probe), or use conv_impl='auto' "
+            "or 'xla'")
     strides = tuple(int(s) for s in strides)
     padding = same_padding(x.shape[1:3], kernel.shape[:2], strides)
     return _conv_onednn(x, kernel, strides, padding)

@@ -16,16 +16,27 @@ The matmul is 5-25% faster than XLA:CPU's dots at the ViT-S shapes, and it reads
 a transposed operand in place where XLA copies it first (the weight gradients
 x^T dy of dense layers).
 
-`available()` probes once whether this jaxlib runs both calls and gives the
-values of `lax.conv_general_dilated` and `jnp.dot`; if not (another jaxlib, another backend, or
-LENSJAX_ONEDNN=0), lensjax keeps XLA's convolution. Under a sharded `jax.jit`
-the calls are partitioned along the batch axis (`jax.experimental.custom_partitioning`):
-the kernel or weight is gathered, and a matmul that contracts the batch axis (a
-weight gradient) is summed over the devices.
+The kernels are opt-in: set LENSJAX_ONEDNN=1. `available()` is then true where
+this jaxlib runs both calls and gives the values of `lax.conv_general_dilated`
+and `jnp.dot` (probed once per process); otherwise lensjax keeps XLA's kernels.
+They are off by default because an executable with these custom calls (and with
+`custom_partitioning`) cannot be written to JAX's persistent compilation cache
+(the write fails with std::bad_alloc, and a test session that mixed them with the
+cache crashed), and because the gain is modest: whole train steps 1.01-1.10x
+(README, "Performance"). Where the opt-in is set and a persistent cache is
+configured, lensjax warns once.
+
+Under a sharded `jax.jit` the calls are partitioned along the batch axis
+(`jax.experimental.custom_partitioning`): the kernel or weight is gathered, and a
+matmul that contracts the batch axis (a weight gradient) is summed over the
+devices. Under `jax.vmap` (`jax.custom_batching.custom_vmap`) a vmapped axis of the
+activations is folded into their batch axis; vmapped kernels or weights fall back
+to lax.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -47,7 +58,7 @@ from jax._src import dispatch as _dispatch
 from jax._src.interpreters import mlir as _mlir
 
 Array = jax.Array
-ENV_SWITCH = "LENSJAX_ONEDNN"      # "0" keeps XLA's convolutions and dots everywhere
+ENV_SWITCH = "LENSJAX_ONEDNN"      # "1" opts in to oneDNN convolutions and dots on CPU
 CUSTOM_CALL_TARGET = "__onednn$convolution"
 MATMUL_TARGET = "__onednn$matmul"
 # Roles of an NHWC activation / HWIO kernel for the custom call's configuration:
@@ -153,7 +164,36 @@ def _partitioned(kernel_dims: tuple, padding: tuple, strides: tuple):
     conv.def_partition(partition, infer_sharding_from_operands=infer,
                        sharding_rule="b h w c, i j k l -> b y z o",
                        need_replication_factors=("h", "w", "c", "i", "j", "k", "l", "y", "z", "o"))
-    return conv
+    reference = functools.partial(_reference, lhs_dims=NHWC, rhs_dims=kernel_dims, out_dims=NHWC,
+                                  padding=padding, strides=strides)
+    return _batchable(conv, reference, fold=lambda batched: not batched[1])
+
+
+# ----------------------------------------------------------------------------
+# Batching: fold a vmapped axis into the batch axis
+# ----------------------------------------------------------------------------
+
+def _batchable(call, reference, fold):
+    """`call(a, b)` (the operation on its leading batch or row axis of `a`) with a vmap
+    rule: where `fold(in_batched)`, the vmapped axis of `a` is merged into its leading
+    axis and `call` runs once; otherwise `reference` (the same maths in lax) is vmapped.
+    custom_partitioning, which `call` is, has no batching rule of its own."""
+
+    @jax.custom_batching.custom_vmap
+    def batched_call(a, b):
+        return call(a, b)
+
+    @batched_call.def_vmap
+    def rule(axis_size, in_batched, a, b):
+        if fold(in_batched):
+            if not in_batched[0]:
+                a = jnp.broadcast_to(a, (axis_size, *a.shape))
+            out = batched_call(a.reshape(axis_size * a.shape[1], *a.shape[2:]), b)
+            return out.reshape(axis_size, a.shape[1], *out.shape[1:]), True
+        in_axes = tuple(0 if batched else None for batched in in_batched)
+        return jax.vmap(reference, in_axes=in_axes)(a, b), True
+
+    return batched_call
 
 
 # ----------------------------------------------------------------------------
@@ -222,7 +262,10 @@ def _partitioned_matmul(transpose_a: bool, transpose_b: bool):
         matmul.def_partition(partition, infer_sharding_from_operands=infer,
                              sharding_rule="m k, n l -> m o",
                              need_replication_factors=("k", "n", "l", "o"))
-    return matmul
+    reference = functools.partial(_matmul_reference, transpose_a=transpose_a,
+                                  transpose_b=transpose_b)
+    # Rows fold only where they are a's leading axis and b is shared.
+    return _batchable(matmul, reference, fold=lambda batched: not transpose_a and not batched[1])
 
 
 def matmul(a: Array, b: Array, transpose_a: bool = False, transpose_b: bool = False) -> Array:
@@ -267,9 +310,24 @@ def input_grad(dy: Array, kernel: Array, padding: Sequence[tuple[int, int]]) -> 
                 kernel_layout="HWOI")
 
 
-def switched_off() -> bool:
-    """True when the user set LENSJAX_ONEDNN=0 (XLA's convolutions and dots everywhere)."""
-    return os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off")
+def switched_on() -> bool:
+    """True when the user opted in with LENSJAX_ONEDNN=1 (or true / yes / on)."""
+    return os.environ.get(ENV_SWITCH, "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+@contextlib.contextmanager
+def switch(on: bool):
+    """Within the block, LENSJAX_ONEDNN is "1" (on) or "0"; the previous value after it.
+    Functions traced inside the block take the setting (it is read at trace time)."""
+    previous = os.environ.get(ENV_SWITCH)
+    os.environ[ENV_SWITCH] = "1" if on else "0"
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ[ENV_SWITCH]
+        else:
+            os.environ[ENV_SWITCH] = previous
 
 
 @functools.lru_cache(maxsize=None)
@@ -301,8 +359,20 @@ def _probe() -> bool:
     return ok
 
 
+@functools.lru_cache(maxsize=None)
+def _warn_about_the_persistent_cache() -> None:
+    if jax.config.jax_compilation_cache_dir and jax.config.jax_enable_compilation_cache:
+        logging.warning(
+            "lensjax: %s=1 with JAX's persistent compilation cache (%s): programs with oneDNN "
+            "calls cannot be written to it (JAX warns 'Error writing persistent compilation cache "
+            "entry'); unset one of the two", ENV_SWITCH, jax.config.jax_compilation_cache_dir)
+
+
 def available(backend: str | None = None) -> bool:
-    """Whether lensjax may use oneDNN convolutions and matmuls on `backend` (default: the
-    default backend)."""
+    """Whether lensjax uses oneDNN convolutions and matmuls on `backend` (default: the
+    default backend): only where LENSJAX_ONEDNN=1, on CPU, and the probe passes."""
     backend = jax.default_backend() if backend is None else backend
-    return backend == "cpu" and not switched_off() and _probe()
+    if backend != "cpu" or not switched_on():
+        return False
+    _warn_about_the_persistent_cache()
+    return _probe()

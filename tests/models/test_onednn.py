@@ -5,7 +5,9 @@ lensjax uses it with (NHWC input, HWIO kernel, and the HWOI kernel of the input
 gradient), for odd and even sizes, uneven padding and strides; the "onednn" Conv
 must have lax's values and gradients; under a sharded jit over the 8 fake devices
 it must be split along the batch axis (no gather of the activations) and give
-the single-device values; LENSJAX_ONEDNN=0 must turn it off.
+the single-device values; under vmap it must give lax's values; it must be off
+unless LENSJAX_ONEDNN=1. Every test here opts in, and keeps its programs out of
+the session's persistent compilation cache (they cannot be serialised).
 """
 
 from __future__ import annotations
@@ -25,8 +27,19 @@ from lensjax.models import get_model, layers, onednn
 
 _REQUIREMENTS = os.path.join(os.path.dirname(__file__), "..", "..", "requirements.txt")
 
-requires_onednn = pytest.mark.skipif(not onednn.available(),
+with onednn.switch(True):
+    _AVAILABLE = onednn.available()
+requires_onednn = pytest.mark.skipif(not _AVAILABLE,
                                      reason="this jaxlib/backend runs no oneDNN convolutions")
+
+
+@pytest.fixture(autouse=True)
+def _opted_in_without_the_persistent_cache(monkeypatch):
+    monkeypatch.setenv(onednn.ENV_SWITCH, "1")
+    min_seconds = jax.config.jax_persistent_cache_min_compile_time_secs
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1e9)   # no cache writes
+    yield
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", min_seconds)
 
 
 def test_available_with_the_pinned_jaxlib_on_cpu():
@@ -142,12 +155,46 @@ def test_the_switch_and_the_rule(monkeypatch):
         assert layers.choose_conv_impl(*args, backend="cpu", onednn_available=True) == "patches"
     assert layers.choose_conv_impl((3, 3), 64, backend="gpu", onednn_available=True) == "xla"
     assert layers.choose_conv_impl((3, 3), 64, backend="cpu") == "onednn"
-    monkeypatch.setenv(onednn.ENV_SWITCH, "0")
-    assert not onednn.available()
-    assert layers.choose_conv_impl((3, 3), 64, backend="cpu") == "xla"
     x, kernel, _ = _arrays(1, 5, 5, 2, (3, 3), 2)
-    with pytest.raises(RuntimeError, match="LENSJAX_ONEDNN=0"):
-        layers.conv_onednn(x, kernel, (1, 1))
+    for setting in ("0", None):    # switched off, and the default: off
+        if setting is None:
+            monkeypatch.delenv(onednn.ENV_SWITCH)
+        else:
+            monkeypatch.setenv(onednn.ENV_SWITCH, setting)
+        assert not onednn.available()
+        assert layers.choose_conv_impl((3, 3), 64, backend="cpu") == "xla"
+        with pytest.raises(RuntimeError, match="LENSJAX_ONEDNN=1 to opt in"):
+            layers.conv_onednn(x, kernel, (1, 1))
+    with onednn.switch(True):
+        assert onednn.available()
+    assert onednn.ENV_SWITCH not in os.environ
+
+
+@requires_onednn
+def test_vmap_folds_the_mapped_axis_into_the_batch_and_keeps_the_values():
+    """As the diffusion and MAE tasks call their networks: vmapped over examples, with
+    shared weights (one call on the folded batch), and with vmapped weights (lax)."""
+    x, kernel, _ = _arrays(6, 9, 8, 4, (3, 3), 5)
+    x = x.reshape(3, 2, 9, 8, 4)
+    kernels = jnp.stack([kernel, 2 * kernel, -kernel])
+
+    def loss(conv):
+        return lambda x, k: jnp.sum(jnp.sin(conv(x, k)))
+
+    ours = jax.vmap(jax.value_and_grad(loss(lambda x, k: layers.conv_onednn(x, k, (1, 1))), (0, 1)),
+                    in_axes=(0, None))
+    ref = jax.vmap(jax.value_and_grad(loss(_lax_conv), (0, 1)), in_axes=(0, None))
+    for got, want in zip(jax.tree.leaves(jax.jit(ours)(x, kernel)), jax.tree.leaves(ref(x, kernel))):
+        _assert_close_to_scale(got, want)
+    compiled = jax.jit(ours).lower(x, kernel).compile().as_text()
+    calls = re.findall(r"= f32\[([\d,]+)\]\S* custom-call\(.*" + re.escape(onednn.CUSTOM_CALL_TARGET),
+                       compiled)
+    assert sorted(calls) == ["6,9,8,4", "6,9,8,5"], calls   # forward, input gradient: 3 x 2 images
+    per_kernel = jax.jit(jax.vmap(lambda x, k: layers.conv_onednn(x, k, (1, 1))))(x, kernels)
+    _assert_close_to_scale(per_kernel, jax.vmap(_lax_conv)(x, kernels))
+    dense = jax.jit(jax.vmap(lambda x: layers.dense_dot_general(x, kernel[0, 0],
+                                                                (((3,), (0,)), ((), ())))))
+    _assert_close_to_scale(dense(x), jnp.einsum("abhwc,cd->abhwd", x, kernel[0, 0]))
 
 
 @requires_onednn
@@ -249,10 +296,10 @@ def test_mae_is_the_same_function_with_and_without_onednn(monkeypatch):
         return nnx.merge(graphdef, state)(images, jax.random.key(4)).loss
 
     results = {}
-    for switch in ("1", "0"):
-        monkeypatch.setenv(onednn.ENV_SWITCH, switch)
+    for setting in ("1", "0"):
+        monkeypatch.setenv(onednn.ENV_SWITCH, setting)
         step = compilation.jit(jax.value_and_grad(loss))
-        assert (onednn.MATMUL_TARGET in step.lower(state).as_text()) == (switch == "1")
-        results[switch] = step(state)
+        assert (onednn.MATMUL_TARGET in step.lower(state).as_text()) == (setting == "1")
+        results[setting] = step(state)
     for got, want in zip(jax.tree.leaves(results["1"]), jax.tree.leaves(results["0"])):
         _assert_close_to_scale(got, want, tol=1e-4)

@@ -211,7 +211,7 @@ def test_conv_module_equals_nnx_conv_for_both_impls():
 
 
 def test_choose_conv_impl_rule():
-    # Without oneDNN (LENSJAX_ONEDNN=0 or another jaxlib); tests/models/test_onednn.py has the rest.
+    # Without oneDNN (the default, or another jaxlib); tests/models/test_onednn.py has the rest.
     def rule(*args, **kwargs):
         return layers.choose_conv_impl(*args, onednn_available=False, **kwargs)
 
