@@ -45,6 +45,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 from bench_noise import best_seconds  # noqa: E402  (best of n calls, blocked on)
 
 from lensjax import compilation  # noqa: E402
+from lensjax.models import onednn  # noqa: E402
 
 # (batch, map size, channels) of the 3 x 3 convolutions of resnet18_64, one per
 # stage, and of the first level of unet_150.
@@ -80,7 +81,7 @@ def jax_conv_fns(batch: int, size: int, channels: int, options: dict, impl: str 
     """(forward, input gradient, weight gradient, forward + both gradients) of one
     convolution, jitted with `options`: lensjax's `impl` ("auto", "xla") or, for None,
     the bare `lax.conv_general_dilated` with XLA's own gradients."""
-    from lensjax.models import layers, onednn
+    from lensjax.models import layers
 
     x = jax.random.normal(jax.random.key(0), (batch, size, size, channels))
     w = jax.random.normal(jax.random.key(1), (3, 3, channels, channels)) * 0.05
@@ -164,7 +165,6 @@ def main(argv: list[str] | None = None) -> int:
                         help="lensjax's column with oneDNN's kernels (sets LENSJAX_ONEDNN=1)")
     args = parser.parse_args(argv)
     if args.onednn:
-        from lensjax.models import onednn
         os.environ[onednn.ENV_SWITCH] = "1"
     import torch  # benchmark-only reference (requirements-bench.txt)
 
@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__} with "
           f"{torch.get_num_threads()} threads, {platform.machine()} {cores} cores, load average "
           f"{os.getloadavg()[0]:.2f}; float32, best of {args.repeats}; LENSJAX_ONEDNN="
-          f"{os.environ.get('LENSJAX_ONEDNN', '')!r}")
+          f"{os.environ.get(onednn.ENV_SWITCH, '')!r}")
     print(f"{'kernel':<40} {'lensjax ms':>10} {'XLA ms':>8} {'YNN ms':>8} {'torch ms':>9} "
           f"{'lensjax GFLOP/s':>16} {'torch GFLOP/s':>14} {'lensjax / torch':>16}")
 

@@ -65,7 +65,7 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
 from lensjax import configlib, diffusion, parallel, train  # noqa: E402
-from lensjax.models import get_model  # noqa: E402
+from lensjax.models import get_model, onednn  # noqa: E402
 from lensjax.tasks import classification  # noqa: E402
 
 # Dense bf16 peak (FLOP/s) per accelerator, for MFU. CPUs have no entry: only the
@@ -199,8 +199,6 @@ def flops_per_step(lower: Callable[[], Any]) -> float | None:
     """FLOPs of one step from XLA's cost analysis of the program `lower()` lowers, traced
     with lensjax's oneDNN kernels switched off: the same maths, but XLA's cost analysis
     does not see inside oneDNN's custom calls. None where unavailable."""
-    from lensjax.models import onednn
-
     try:
         with onednn.switch(False):
             cost = lower().cost_analysis()
@@ -349,7 +347,7 @@ def machine_line(torch_device: str) -> str:
             f"load average {os.getloadavg()[0]:.2f} | "
             f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r} (both frameworks) | "
             f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r} | "
-            f"LENSJAX_ONEDNN={os.environ.get('LENSJAX_ONEDNN', '')!r}")
+            f"LENSJAX_ONEDNN={os.environ.get(onednn.ENV_SWITCH, '')!r}")
 
 
 def main(argv: list[str] | None = None) -> int:

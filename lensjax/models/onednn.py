@@ -21,8 +21,8 @@ this jaxlib runs both calls and gives the values of `lax.conv_general_dilated`
 and `jnp.dot` (probed once per process); otherwise lensjax keeps XLA's kernels.
 They are off by default because an executable with these custom calls (and with
 `custom_partitioning`) cannot be written to JAX's persistent compilation cache
-(the write fails with std::bad_alloc, and a test session that mixed them with the
-cache crashed), and because the gain is modest: whole train steps 1.01-1.10x
+(the write fails with std::bad_alloc; a test session that ran them with such a
+cache ended in a segmentation fault, cause not isolated further), and because the gain is modest: whole train steps 1.01-1.10x
 (README, "Performance"). Where the opt-in is set and a persistent cache is
 configured, lensjax warns once.
 
