@@ -346,6 +346,7 @@ def machine_line(torch_device: str) -> str:
             f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores | "
             f"load average {os.getloadavg()[0]:.2f} | "
             f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r} (both frameworks) | "
+            f"jax async CPU dispatch {jax.config.values['jax_cpu_enable_async_dispatch']} | "
             f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r} | "
             f"LENSJAX_ONEDNN={os.environ.get(onednn.ENV_SWITCH, '')!r}")
 
