@@ -14,8 +14,10 @@ the example's position in its split (a fixed per-example seed for evaluation).
 from __future__ import annotations
 
 import json
+import queue
+import threading
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, TypeVar
 
 import jax
 import ml_collections
@@ -27,6 +29,9 @@ from lensjax.sim import get_preset
 
 Batch = dict[str, jax.Array]
 SPLITS = ("train", "selection", "heldout")
+T = TypeVar("T")
+# Simulated training batches computed ahead of the train step.
+PREFETCH_BATCHES = 2
 
 
 def preset_from_config(data: ml_collections.ConfigDict):
@@ -83,8 +88,69 @@ def train_iterator(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
     """Training batches from `start_step` on (a resumed run continues the same stream)."""
     _check_source(config.data)
     if config.data.source == "sim":
-        return _sim_stream(config, mesh, config.train.batch_size, "train").iterate(start_step)
+        stream = _sim_stream(config, mesh, config.train.batch_size, "train")
+        return prefetch_in_background(stream.iterate(start_step), PREFETCH_BATCHES)
     return _tfds_train(config, mesh, start_step)
+
+
+class _Raised:
+    """An exception of the producer thread, delivered in order to the consumer."""
+
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+def prefetch_in_background(items: Iterator[T], size: int = PREFETCH_BATCHES) -> Iterator[T]:
+    """Yield `items` in order while a daemon thread computes up to `size` ahead.
+
+    Where jax runs CPU programs on the calling thread (`lensjax.hugepages` switches
+    asynchronous CPU dispatch off), this lets the simulator's program run beside the
+    train step instead of between steps, as asynchronous dispatch did. An exception
+    raised by `items` is raised here, at its place in the order. Closing or dropping
+    the returned generator stops the thread and waits for the item in progress.
+    """
+    if size < 1:
+        raise ValueError(f"prefetch size must be >= 1, got {size}")
+    ready: queue.Queue = queue.Queue(maxsize=size)
+    stop = threading.Event()
+
+    def offer(item) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not offer(item):
+                    return
+        except BaseException as error:  # noqa: BLE001  (handed to the consumer)
+            offer(_Raised(error))
+            return
+        offer(_Raised(StopIteration()))
+
+    def consume() -> Iterator[T]:
+        worker = threading.Thread(target=produce, name="lensjax-prefetch", daemon=True)
+        worker.start()
+        try:
+            while True:
+                item = ready.get()
+                if isinstance(item, _Raised):
+                    if isinstance(item.error, StopIteration):
+                        return
+                    raise item.error
+                yield item
+        finally:
+            stop.set()
+            # Let an item in progress finish, so no jax call outlives the consumer
+            # (a daemon thread inside jax at interpreter exit can crash it).
+            worker.join(timeout=60)
+
+    return consume()
 
 
 def heldout_iterator(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,

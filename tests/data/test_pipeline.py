@@ -189,3 +189,54 @@ def test_missing_manual_dir_names_the_fix(tmp_path):
     config.data.data_dir = ""
     with pytest.raises(ValueError, match="manual_dir"):
         next(pipeline.train_iterator(config, parallel.make_mesh()))
+
+
+# ----------------------------------------------------------------------------
+# Background prefetch
+# ----------------------------------------------------------------------------
+
+def test_prefetch_keeps_order_and_ends_with_the_source():
+    assert list(pipeline.prefetch_in_background(iter(range(50)), size=2)) == list(range(50))
+    with pytest.raises(ValueError, match="prefetch size"):
+        pipeline.prefetch_in_background(iter(range(3)), size=0)
+
+
+def test_prefetch_raises_the_sources_error_at_its_place():
+    def source():
+        yield 0
+        yield 1
+        raise OSError("corrupt batch file")
+
+    batches = pipeline.prefetch_in_background(source(), size=2)
+    assert next(batches) == 0 and next(batches) == 1
+    with pytest.raises(OSError, match="corrupt batch file"):
+        next(batches)
+
+
+def test_prefetch_thread_stops_when_the_consumer_closes():
+    import threading
+
+    produced = []
+
+    def endless():
+        while True:
+            produced.append(len(produced))
+            yield produced[-1]
+
+    batches = pipeline.prefetch_in_background(endless(), size=2)
+    assert [next(batches) for _ in range(3)] == [0, 1, 2]
+    before = sum(t.name == "lensjax-prefetch" for t in threading.enumerate())
+    batches.close()  # returns once its thread has ended
+    assert sum(t.name == "lensjax-prefetch" for t in threading.enumerate()) == before - 1
+    assert len(produced) <= 3 + 2 + 1  # consumed, queued, and at most one in hand
+
+
+def test_train_stream_is_prefetched_and_equals_direct_batches():
+    config = _sim_config()
+    mesh = parallel.make_mesh()
+    prefetched = pipeline.train_iterator(config, mesh, start_step=2)
+    direct = pipeline._sim_stream(config, mesh, config.train.batch_size, "train")
+    for step in (2, 3, 4):
+        a, b = next(prefetched), direct.batch(step)
+        np.testing.assert_array_equal(parallel.to_host(a["label"]), parallel.to_host(b["label"]))
+        np.testing.assert_array_equal(parallel.to_host(a["image"]), parallel.to_host(b["image"]))
