@@ -22,12 +22,12 @@ again and the kernel zeroes every page. Two sets of tunables fix this:
   `jax_cpu_enable_async_dispatch` off (jax then runs a CPU program on the calling
   thread; XLA's own worker threads are unchanged, and on a CPU both would compete
   for the same cores anyway). `glibc.malloc.top_pad` grows the heap in 64 MiB
-  steps, so that huge pages cover it. Even with huge pages the
-  zeroing cost 10% of a UNet step, and a quarter to a third of the steps spent
-  another 300-800 ms in the kernel (zeroing fresh pages; no compaction stalls);
-  afterwards: 61 faults per step, no stalls, UNet step median 1030-1200 ->
-  875-882 ms (one-off runs of 8-10 single steps, 2-core AMD EPYC).
-  The process keeps its peak heap mapped (it is reused, not leaked).
+  steps, so that huge pages cover it. Even with huge pages, zeroing pages
+  (`clear_page_erms`) took 14% of a UNet step's CPU samples (`perf`), and a quarter
+  to a third of the steps spent another 300-800 ms in the kernel (zeroing fresh
+  pages; no compaction stalls). Afterwards: under 62 faults per step, no stalls,
+  UNet step median 1030-1200 -> 875-882 ms (one-off runs of 8-10 single steps,
+  2-core AMD EPYC). The process keeps its peak heap mapped (reused, not leaked).
 
 PyTorch, run in the same process by the benchmarks, runs with the same tunables.
 The simulator's batches are unaffected.
