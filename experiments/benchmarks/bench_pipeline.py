@@ -7,7 +7,7 @@ every step as in the loop) fed two ways, in alternating timed rounds:
 
   stream    `lensjax.data.pipeline.train_iterator`, a fresh simulated batch per step
             (generated on device in its own jit, two batches ahead on a background
-            thread: `pipeline.prefetch_in_background`);
+            thread on this one-device mesh: `pipeline.prefetch_in_background`);
   constant  the first batch of that stream, reused every step.
 
 It also times the stream alone (batches/s without training), which says how much

@@ -88,8 +88,13 @@ def train_iterator(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
     """Training batches from `start_step` on (a resumed run continues the same stream)."""
     _check_source(config.data)
     if config.data.source == "sim":
-        stream = _sim_stream(config, mesh, config.train.batch_size, "train")
-        return prefetch_in_background(stream.iterate(start_step), PREFETCH_BATCHES)
+        batches = _sim_stream(config, mesh, config.train.batch_size, "train").iterate(start_step)
+        # On one device, generation runs on a second thread beside the step. Not on
+        # a mesh of several: jax dispatches those programs asynchronously anyway, and
+        # programs with collectives must start in the same order on every device and
+        # process, which a second launching thread would not keep (a two-process run
+        # aborted in gloo with it).
+        return prefetch_in_background(batches, PREFETCH_BATCHES) if mesh.size == 1 else batches
     return _tfds_train(config, mesh, start_step)
 
 

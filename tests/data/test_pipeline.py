@@ -231,12 +231,22 @@ def test_prefetch_thread_stops_when_the_consumer_closes():
     assert len(produced) <= 3 + 2 + 1  # consumed, queued, and at most one in hand
 
 
-def test_train_stream_is_prefetched_and_equals_direct_batches():
+@pytest.mark.parametrize("devices", [1, 8])
+def test_train_stream_is_prefetched_on_one_device_and_equals_direct_batches(devices):
+    import threading
+
+    def prefetch_threads():
+        return sum(t.name == "lensjax-prefetch" for t in threading.enumerate())
+
     config = _sim_config()
-    mesh = parallel.make_mesh()
-    prefetched = pipeline.train_iterator(config, mesh, start_step=2)
+    mesh = parallel.make_mesh(devices)
+    before = prefetch_threads()
+    batches = pipeline.train_iterator(config, mesh, start_step=2)
     direct = pipeline._sim_stream(config, mesh, config.train.batch_size, "train")
     for step in (2, 3, 4):
-        a, b = next(prefetched), direct.batch(step)
+        a, b = next(batches), direct.batch(step)
         np.testing.assert_array_equal(parallel.to_host(a["label"]), parallel.to_host(b["label"]))
         np.testing.assert_array_equal(parallel.to_host(a["image"]), parallel.to_host(b["image"]))
+    # A second launching thread only where no collectives can be reordered.
+    assert prefetch_threads() == before + (devices == 1)
+    batches.close()
