@@ -116,7 +116,7 @@ def keeps_heap(environ: Mapping[str, str]) -> bool:
     """Whether this process runs with glibc's large blocks kept on the main heap
     (`glibc.malloc.mmap_max=0` in GLIBC_TUNABLES, not opted out)."""
     tunables = environ.get("GLIBC_TUNABLES", "").split(":")
-    return environ.get(OPT_OUT_VARIABLE, "1") != "0" and "glibc.malloc.mmap_max=0" in tunables
+    return environ.get(OPT_OUT_VARIABLE, "1") != "0" and "=".join(KEEP_HEAP[0]) in tunables
 
 
 def restart_with_hugepages() -> None:

@@ -30,8 +30,10 @@ from lensjax.sim import get_preset
 Batch = dict[str, jax.Array]
 SPLITS = ("train", "selection", "heldout")
 T = TypeVar("T")
-# Simulated training batches computed ahead of the train step.
+# Simulated training batches computed ahead of the train step, and the thread doing it.
 PREFETCH_BATCHES = 2
+PREFETCH_THREAD = "lensjax-prefetch"
+_END = object()  # the producer's last item: the source is exhausted
 
 
 def preset_from_config(data: ml_collections.ConfigDict):
@@ -136,17 +138,17 @@ def prefetch_in_background(items: Iterator[T], size: int = PREFETCH_BATCHES) -> 
         except BaseException as error:  # noqa: BLE001  (handed to the consumer)
             offer(_Raised(error))
             return
-        offer(_Raised(StopIteration()))
+        offer(_END)
 
     def consume() -> Iterator[T]:
-        worker = threading.Thread(target=produce, name="lensjax-prefetch", daemon=True)
+        worker = threading.Thread(target=produce, name=PREFETCH_THREAD, daemon=True)
         worker.start()
         try:
             while True:
                 item = ready.get()
+                if item is _END:
+                    return
                 if isinstance(item, _Raised):
-                    if isinstance(item.error, StopIteration):
-                        return
                     raise item.error
                 yield item
         finally:

@@ -195,6 +195,11 @@ def test_missing_manual_dir_names_the_fix(tmp_path):
 # Background prefetch
 # ----------------------------------------------------------------------------
 
+def _prefetch_threads() -> int:
+    import threading
+    return sum(t.name == pipeline.PREFETCH_THREAD for t in threading.enumerate())
+
+
 def test_prefetch_keeps_order_and_ends_with_the_source():
     assert list(pipeline.prefetch_in_background(iter(range(50)), size=2)) == list(range(50))
     with pytest.raises(ValueError, match="prefetch size"):
@@ -214,8 +219,6 @@ def test_prefetch_raises_the_sources_error_at_its_place():
 
 
 def test_prefetch_thread_stops_when_the_consumer_closes():
-    import threading
-
     produced = []
 
     def endless():
@@ -225,22 +228,17 @@ def test_prefetch_thread_stops_when_the_consumer_closes():
 
     batches = pipeline.prefetch_in_background(endless(), size=2)
     assert [next(batches) for _ in range(3)] == [0, 1, 2]
-    before = sum(t.name == "lensjax-prefetch" for t in threading.enumerate())
+    before = _prefetch_threads()
     batches.close()  # returns once its thread has ended
-    assert sum(t.name == "lensjax-prefetch" for t in threading.enumerate()) == before - 1
+    assert _prefetch_threads() == before - 1
     assert len(produced) <= 3 + 2 + 1  # consumed, queued, and at most one in hand
 
 
 @pytest.mark.parametrize("devices", [1, 8])
 def test_train_stream_is_prefetched_on_one_device_and_equals_direct_batches(devices):
-    import threading
-
-    def prefetch_threads():
-        return sum(t.name == "lensjax-prefetch" for t in threading.enumerate())
-
     config = _sim_config()
     mesh = parallel.make_mesh(devices)
-    before = prefetch_threads()
+    before = _prefetch_threads()
     batches = pipeline.train_iterator(config, mesh, start_step=2)
     direct = pipeline._sim_stream(config, mesh, config.train.batch_size, "train")
     for step in (2, 3, 4):
@@ -248,5 +246,5 @@ def test_train_stream_is_prefetched_on_one_device_and_equals_direct_batches(devi
         np.testing.assert_array_equal(parallel.to_host(a["label"]), parallel.to_host(b["label"]))
         np.testing.assert_array_equal(parallel.to_host(a["image"]), parallel.to_host(b["image"]))
     # A second launching thread only where no collectives can be reordered.
-    assert prefetch_threads() == before + (devices == 1)
+    assert _prefetch_threads() == before + (devices == 1)
     batches.close()
