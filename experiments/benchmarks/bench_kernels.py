@@ -7,8 +7,9 @@ Times, for both frameworks in the same run (alternating, best of `--repeats`):
     batch 2, 152 px, 32 channels): forward, input gradient, weight gradient and
     forward + both gradients, as lensjax runs it ("lensjax ms": the implementation
     `layers.Conv`'s "auto" picks on this machine, compiled with
-    `lensjax.compilation`; with --onednn, lensjax's opt-in oneDNN forward and input
-    gradient, as LENSJAX_ONEDNN=1 gives them), as XLA's own
+    `lensjax.compilation`: by default oneDNN's forward and input gradient, as
+    lensjax runs them without a persistent compilation cache; with --no-onednn,
+    LENSJAX_ONEDNN=0), as XLA's own
     convolution ("XLA ms": `layers.conv_xla`, what lensjax ran before oneDNN; weight
     gradient on image strips below batch 4) and as a bare convolution with XLA's
     default (YNNPACK convolutions, "YNN ms");
@@ -26,7 +27,7 @@ the exact GELU.
 
     python experiments/benchmarks/bench_kernels.py                 # about 2 minutes on 2 cores
     python experiments/benchmarks/bench_kernels.py --alternatives
-    python experiments/benchmarks/bench_kernels.py --onednn        # lensjax with LENSJAX_ONEDNN=1
+    python experiments/benchmarks/bench_kernels.py --no-onednn     # lensjax with LENSJAX_ONEDNN=0
 """
 
 from __future__ import annotations
@@ -161,11 +162,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="also time the rejected convolution formulations and the GELU")
     parser.add_argument("--threads", type=int, default=None,
                         help="PyTorch intra-op threads (default: the cores JAX may use)")
-    parser.add_argument("--onednn", action="store_true",
-                        help="lensjax's column with oneDNN's kernels (sets LENSJAX_ONEDNN=1)")
+    parser.add_argument("--no-onednn", action="store_true",
+                        help="lensjax's column without oneDNN's kernels (sets LENSJAX_ONEDNN=0)")
     args = parser.parse_args(argv)
-    if args.onednn:
-        os.environ[onednn.ENV_SWITCH] = "1"
+    if args.no_onednn:
+        os.environ[onednn.ENV_SWITCH] = "0"
     import torch  # benchmark-only reference (requirements-bench.txt)
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -173,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__} with "
           f"{torch.get_num_threads()} threads, {platform.machine()} {cores} cores, load average "
           f"{os.getloadavg()[0]:.2f}; float32, best of {args.repeats}; LENSJAX_ONEDNN="
-          f"{os.environ.get(onednn.ENV_SWITCH, '')!r}")
+          f"{os.environ.get(onednn.ENV_SWITCH, '')!r} (oneDNN kernels "
+          f"{'on' if onednn.available() else 'off'})")
     print(f"{'kernel':<40} {'lensjax ms':>10} {'XLA ms':>8} {'YNN ms':>8} {'torch ms':>9} "
           f"{'lensjax GFLOP/s':>16} {'torch GFLOP/s':>14} {'lensjax / torch':>16}")
 

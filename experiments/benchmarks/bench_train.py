@@ -14,12 +14,12 @@ Cases (defaults sized for a 2-core CPU; --batch-size overrides):
   resnet18_64    ResNet-18, width 64, 64 px, stride-1 stem (stem="auto")
   resnet18_150   ResNet-18, width 64, 150 px, ImageNet stem (Common Test I)
   mae_vits_64    ViT-S/8 MAE, 64 px, mask ratio 0.75, decoder 128 x 2 blocks
-  unet_150       diffusion UNet, 150 px, base width 64, mults 1-2-2-4, attention at 19 px
+  unet_150       diffusion UNet, 150 px, base width 32 (unet_150_w64: 64), mults 1-2-2-4, attention at 19 px
 
     python experiments/benchmarks/bench_train.py                       # the table (minutes)
     python experiments/benchmarks/bench_train.py --quick               # smoke run, < 1 minute
     python experiments/benchmarks/bench_train.py --models resnet18_64 --rounds 7
-    LENSJAX_ONEDNN=1 python experiments/benchmarks/bench_train.py   # with oneDNN's kernels (opt-in)
+    LENSJAX_ONEDNN=0 python experiments/benchmarks/bench_train.py   # without oneDNN's kernels (default: on)
     python experiments/benchmarks/bench_train.py --dtype bfloat16 --batch-size 256   # GPU box:
         # bf16 compute vs PyTorch AMP (bf16 autocast) + channels_last; prints MFU
 """
@@ -348,7 +348,8 @@ def machine_line(torch_device: str) -> str:
             f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r} (both frameworks) | "
             f"jax async CPU dispatch {jax.config.values['jax_cpu_enable_async_dispatch']} | "
             f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r} | "
-            f"LENSJAX_ONEDNN={os.environ.get(onednn.ENV_SWITCH, '')!r}")
+            f"LENSJAX_ONEDNN={os.environ.get(onednn.ENV_SWITCH, '')!r} (oneDNN kernels "
+            f"{'on' if onednn.available() else 'off'})")
 
 
 def main(argv: list[str] | None = None) -> int:

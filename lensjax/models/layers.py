@@ -20,7 +20,8 @@ SAME padding, same strides):
              "xla" to float32 rounding.
   "auto"     decided per layer at trace time by `choose_conv_impl`: "xla" on
              GPU/TPU; on CPU, where oneDNN convolutions are available
-             (`onednn.available()`: opted in with LENSJAX_ONEDNN=1), "onednn" for
+             (`onednn.available()`: by default where no persistent compilation
+             cache is configured; LENSJAX_ONEDNN=1 / 0 forces it), "onednn" for
              float32 stride-1 convolutions with a kernel larger than 1x1 and
              more than one input channel;
              "patches" for 1x1 kernels (plain matmuls), a single input channel
@@ -37,8 +38,9 @@ compiles it, huge pages, best of 8, ms; one-off timing): stride 1, 3x3:
 are 10-35% faster than XLA's at every 3x3 shape of the benchmarked networks, and
 at or above PyTorch's. Whole train steps, same process, alternating single
 steps, median of 21 (one-off): ResNet-18 64 px 1.07x, ResNet-18 150 px 1.07x,
-UNet 1.02-1.06x faster than without oneDNN (the rule below). oneDNN is opt-in
-(LENSJAX_ONEDNN=1; `lensjax.models.onednn` says why).
+UNet 1.02-1.06x faster than without oneDNN (the rule below). oneDNN is on by
+default where no persistent compilation cache is configured (LENSJAX_ONEDNN;
+`lensjax.models.onednn` says why).
 
 Evidence for the rest of the CPU rule, without oneDNN (2-core AMD EPYC, jax 0.10.2,
 compiled as lensjax compiles its networks: XLA's own convolution, not YNNPACK's, see
@@ -79,6 +81,7 @@ the networks.)
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -267,9 +270,11 @@ def conv_onednn(x: Array, kernel: Array, strides: Sequence[int]) -> Array:
     if not onednn.available():
         raise RuntimeError(
             "conv_impl='onednn' needs XLA:CPU's oneDNN convolutions, which are off here: set "
-            f"{onednn.ENV_SWITCH}=1 to opt in (backend now {jax.default_backend()!r}; they run "
-            "on CPU with a jaxlib that passes lensjax's oneDNN probe), or use conv_impl='auto' "
-            "or 'xla'")
+            f"{onednn.ENV_SWITCH}=1 to switch them on (now {onednn.ENV_SWITCH}="
+            f"{os.environ.get(onednn.ENV_SWITCH, '')!r}, persistent compilation cache "
+            f"{'on' if onednn.persistent_cache_configured() else 'off'}, backend "
+            f"{jax.default_backend()!r}; they run on CPU with a jaxlib that passes lensjax's "
+            "oneDNN probe), or use conv_impl='auto' or 'xla'")
     strides = tuple(int(s) for s in strides)
     padding = same_padding(x.shape[1:3], kernel.shape[:2], strides)
     return _conv_onednn(x, kernel, strides, padding)

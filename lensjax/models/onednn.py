@@ -16,15 +16,18 @@ The matmul is 5-25% faster than XLA:CPU's dots at the ViT-S shapes, and it reads
 a transposed operand in place where XLA copies it first (the weight gradients
 x^T dy of dense layers).
 
-The kernels are opt-in: set LENSJAX_ONEDNN=1. `available()` is then true where
-this jaxlib runs both calls and gives the values of `lax.conv_general_dilated`
-and `jnp.dot` (probed once per process); otherwise lensjax keeps XLA's kernels.
-They are off by default because an executable with these custom calls (and with
-`custom_partitioning`) cannot be written to JAX's persistent compilation cache
-(the write fails with std::bad_alloc; a test session that ran them with such a
-cache ended in a segmentation fault, cause not isolated further), and because the gain is modest: whole train steps 1.01-1.10x
-(README, "Performance"). Where the opt-in is set and a persistent cache is
-configured, lensjax warns once.
+LENSJAX_ONEDNN selects them: "1" (or true / yes / on) always, "0" (or false / no /
+off) never, and unset (or "auto") wherever JAX's persistent compilation cache is
+not configured, which is the case for lensjax's entry points unless the user sets
+JAX_COMPILATION_CACHE_DIR. `available()` is then true where this jaxlib runs both
+calls and gives the values of `lax.conv_general_dilated` and `jnp.dot` (probed once
+per process); otherwise lensjax keeps XLA's kernels. The persistent cache rules
+them out because an executable with these custom calls (and with
+`custom_partitioning`) cannot be written to it (the write fails with
+std::bad_alloc; a test session that ran them with such a cache ended in a
+segmentation fault, cause not isolated further). Whole train steps run 1.01-1.13x
+faster with them (README, "Performance"). Where LENSJAX_ONEDNN=1 is set and a
+persistent cache is configured, lensjax warns once.
 
 Under a sharded `jax.jit` the calls are partitioned along the batch axis
 (`jax.experimental.custom_partitioning`): the kernel or weight is gathered, and a
@@ -58,7 +61,10 @@ from jax._src import dispatch as _dispatch
 from jax._src.interpreters import mlir as _mlir
 
 Array = jax.Array
-ENV_SWITCH = "LENSJAX_ONEDNN"      # "1" opts in to oneDNN convolutions and dots on CPU
+ENV_SWITCH = "LENSJAX_ONEDNN"      # "1" / "0" / "auto" (unset): oneDNN convolutions and dots on CPU
+SWITCH_ON = ("1", "true", "yes", "on")
+SWITCH_OFF = ("0", "false", "no", "off")
+SWITCH_AUTO = ("", "auto")
 CUSTOM_CALL_TARGET = "__onednn$convolution"
 MATMUL_TARGET = "__onednn$matmul"
 # Roles of an NHWC activation / HWIO kernel for the custom call's configuration:
@@ -310,9 +316,24 @@ def input_grad(dy: Array, kernel: Array, padding: Sequence[tuple[int, int]]) -> 
                 kernel_layout="HWOI")
 
 
+def persistent_cache_configured() -> bool:
+    """Whether JAX would write compiled programs to a persistent compilation cache."""
+    return bool(jax.config.jax_compilation_cache_dir) and bool(
+        jax.config.jax_enable_compilation_cache)
+
+
 def switched_on() -> bool:
-    """True when the user opted in with LENSJAX_ONEDNN=1 (or true / yes / on)."""
-    return os.environ.get(ENV_SWITCH, "0").strip().lower() in ("1", "true", "yes", "on")
+    """LENSJAX_ONEDNN's choice: "1" / true / yes / on, "0" / false / no / off, or, unset
+    or "auto", on where no persistent compilation cache is configured."""
+    value = os.environ.get(ENV_SWITCH, "").strip().lower()
+    if value in SWITCH_ON:
+        return True
+    if value in SWITCH_OFF:
+        return False
+    if value in SWITCH_AUTO:
+        return not persistent_cache_configured()
+    raise ValueError(f"{ENV_SWITCH}={os.environ[ENV_SWITCH]!r} is not one of 1, 0 or auto "
+                     "(or true / false, yes / no, on / off)")
 
 
 @contextlib.contextmanager
@@ -361,7 +382,7 @@ def _probe() -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _warn_about_the_persistent_cache() -> None:
-    if jax.config.jax_compilation_cache_dir and jax.config.jax_enable_compilation_cache:
+    if persistent_cache_configured():
         logging.warning(
             "lensjax: %s=1 with JAX's persistent compilation cache (%s): programs with oneDNN "
             "calls cannot be written to it (JAX warns 'Error writing persistent compilation cache "
@@ -370,9 +391,9 @@ def _warn_about_the_persistent_cache() -> None:
 
 def available(backend: str | None = None) -> bool:
     """Whether lensjax uses oneDNN convolutions and matmuls on `backend` (default: the
-    default backend): only where LENSJAX_ONEDNN=1, on CPU, and the probe passes."""
+    default backend): on CPU, where `switched_on()` and the probe passes."""
     backend = jax.default_backend() if backend is None else backend
     if backend != "cpu" or not switched_on():
         return False
-    _warn_about_the_persistent_cache()
+    _warn_about_the_persistent_cache()   # reached with a cache only where "1" forced it
     return _probe()

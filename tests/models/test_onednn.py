@@ -156,15 +156,37 @@ def test_the_switch_and_the_rule(monkeypatch):
     assert layers.choose_conv_impl((3, 3), 64, backend="gpu", onednn_available=True) == "xla"
     assert layers.choose_conv_impl((3, 3), 64, backend="cpu") == "onednn"
     x, kernel, _ = _arrays(1, 5, 5, 2, (3, 3), 2)
-    for setting in ("0", None):    # switched off, and the default: off
-        if setting is None:
-            monkeypatch.delenv(onednn.ENV_SWITCH)
-        else:
-            monkeypatch.setenv(onednn.ENV_SWITCH, setting)
+    cache_dir = jax.config.jax_compilation_cache_dir
+    try:
+        # Unset or "auto": on without a persistent compilation cache, off with one.
+        for setting in (None, "auto", " AUTO "):
+            if setting is None:
+                monkeypatch.delenv(onednn.ENV_SWITCH)
+            else:
+                monkeypatch.setenv(onednn.ENV_SWITCH, setting)
+            jax.config.update("jax_compilation_cache_dir", None)
+            assert not onednn.persistent_cache_configured() and onednn.available()
+            assert layers.choose_conv_impl((3, 3), 64, backend="cpu") == "onednn"
+            jax.config.update("jax_compilation_cache_dir", cache_dir or "/tmp/lensjax-cache")
+            assert onednn.persistent_cache_configured() and not onednn.available()
+            assert layers.choose_conv_impl((3, 3), 64, backend="cpu") == "xla"
+        # "0" is off and "1" on, with or without a cache.
+        for cache in (None, cache_dir or "/tmp/lensjax-cache"):
+            jax.config.update("jax_compilation_cache_dir", cache)
+            monkeypatch.setenv(onednn.ENV_SWITCH, "off")
+            assert not onednn.available()
+            with pytest.raises(RuntimeError, match="LENSJAX_ONEDNN=1 to switch them on"):
+                layers.conv_onednn(x, kernel, (1, 1))
+            monkeypatch.setenv(onednn.ENV_SWITCH, "1")
+            assert onednn.available()
+    finally:
+        jax.config.update("jax_compilation_cache_dir", cache_dir)
+    monkeypatch.setenv(onednn.ENV_SWITCH, "maybe")
+    with pytest.raises(ValueError, match="LENSJAX_ONEDNN='maybe' is not one of 1, 0 or auto"):
+        onednn.switched_on()
+    monkeypatch.delenv(onednn.ENV_SWITCH)
+    with onednn.switch(False):
         assert not onednn.available()
-        assert layers.choose_conv_impl((3, 3), 64, backend="cpu") == "xla"
-        with pytest.raises(RuntimeError, match="LENSJAX_ONEDNN=1 to opt in"):
-            layers.conv_onednn(x, kernel, (1, 1))
     with onednn.switch(True):
         assert onednn.available()
     assert onednn.ENV_SWITCH not in os.environ
