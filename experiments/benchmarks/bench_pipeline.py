@@ -16,7 +16,7 @@ devices: on a GPU the simulator's batch is a small fraction of a step and
 overlaps with it; on a CPU both share the same cores, so the stream can only be
 free if the step leaves cores idle.
 
-    python experiments/benchmarks/bench_pipeline.py               # ~1-2 minutes on 2 cores
+    python experiments/benchmarks/bench_pipeline.py               # ~1 minute on 2 cores
     python experiments/benchmarks/bench_pipeline.py --quick       # < 1 minute
     python experiments/benchmarks/bench_pipeline.py --config configs/common_resnet18.py
 """
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=DEFAULT_CONFIG, help="a configs/*.py file")
     parser.add_argument("--config-arg", default=None, help="its get_config argument")
-    parser.add_argument("--rounds", type=int, default=5, help="alternating timed rounds")
+    parser.add_argument("--rounds", type=int, default=9, help="alternating timed rounds")
     parser.add_argument("--steps", type=int, default=10, help="training steps per round")
     parser.add_argument("--quick", action="store_true", help="3 rounds of 4 steps")
     args = parser.parse_args(argv)
@@ -130,8 +130,15 @@ def main(argv: list[str] | None = None) -> int:
         seconds = median[name]
         print(f"{label:<26} {1e3 * seconds:9.1f} {1 / seconds:9.2f} {batch / seconds:9.1f}")
     ratio = median["constant"] / median["stream"]
+    # Each round's stream steps run right after its constant ones, so their ratio
+    # cancels the slow drift of a shared machine's speed between rounds.
+    rounds_ratio = [c / s for c, s in zip(times["constant"], times["stream"])]
+    paired, paired_median = sorted(rounds_ratio), statistics.median(rounds_ratio)
     print(f"stream / constant steps/s: {ratio:.3f} ({100 * (1 - ratio):+.1f}% cost of the stream); "
           f"generation alone is {100 * median['generate'] / median['constant']:.1f}% of a step")
+    print(f"per-round pairs, stream / constant: median {paired_median:.3f} "
+          f"({100 * (1 - paired_median):+.1f}% cost), range {paired[0]:.3f}-{paired[-1]:.3f} "
+          f"over {rounds} rounds ({', '.join(f'{r:.3f}' for r in rounds_ratio)})")
     print(f"load average after: {os.getloadavg()[0]:.2f}")
     return 0
 
