@@ -23,11 +23,14 @@ bench_train.py can be traced to the kernels that cause them. `--alternatives`
 also times the rejected ways around XLA's convolution at the 8 x 64 x 64 x 64
 layer (building the im2col patch matrix; the weight gradient as nine shifted
 matmuls), the weight gradient of the UNet's batch-2 layer on image strips, and
-the exact GELU.
+the exact GELU. `--unet-weight-grads` times the weight gradient of every 3 x 3
+convolution of bench_train.py's unet_150 step against PyTorch's, and their sum
+per step.
 
     python experiments/benchmarks/bench_kernels.py                 # about 2 minutes on 2 cores
     python experiments/benchmarks/bench_kernels.py --alternatives
     python experiments/benchmarks/bench_kernels.py --no-onednn     # lensjax with LENSJAX_ONEDNN=0
+    python experiments/benchmarks/bench_kernels.py --unet-weight-grads   # + the UNet's weight grads
 """
 
 from __future__ import annotations
@@ -162,6 +165,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="also time the rejected convolution formulations and the GELU")
     parser.add_argument("--threads", type=int, default=None,
                         help="PyTorch intra-op threads (default: the cores JAX may use)")
+    parser.add_argument("--unet-weight-grads", action="store_true",
+                        help="also time the weight gradient of every 3 x 3 convolution of the "
+                             "unet_150 step, summed over the step")
     parser.add_argument("--no-onednn", action="store_true",
                         help="lensjax's column without oneDNN's kernels (sets LENSJAX_ONEDNN=0)")
     args = parser.parse_args(argv)
@@ -212,7 +218,41 @@ def main(argv: list[str] | None = None) -> int:
             lambda: jax.block_until_ready(matmul(ja, jb)), lambda: torch.matmul(ta, tb))
     if args.alternatives:
         time_alternatives(torch, args.repeats)
+    if args.unet_weight_grads:
+        time_unet_weight_grads(torch, args.repeats)
     return 0
+
+
+# The 3 x 3, stride-1 convolutions of bench_train.py's unet_150 step (batch 2):
+# (layers with this shape, map size, cin, cout), read from its compiled program.
+UNET_150_CONVS = ((7, 152, 32, 32), (2, 152, 64, 32), (1, 152, 64, 64), (1, 152, 96, 32),
+                  (7, 76, 64, 64), (2, 76, 128, 64), (1, 76, 32, 64), (1, 76, 96, 64),
+                  (7, 38, 64, 64), (1, 38, 128, 128), (2, 38, 128, 64), (1, 38, 192, 64),
+                  (10, 19, 128, 128), (1, 19, 192, 128), (2, 19, 256, 128), (1, 19, 64, 128))
+
+
+def time_unet_weight_grads(torch, repeats: int, batch: int = 2) -> None:
+    """ms of each UNet layer's weight gradient, lensjax (`layers.weight_grad`, strips
+    at this batch) vs PyTorch (`torch.nn.grad.conv2d_weight`), and their sums per step."""
+    from lensjax.models import layers
+
+    print(f"\nweight gradients of the unet_150 step's 3 x 3 convolutions, batch {batch} "
+          f"(ms, best of {repeats})")
+    totals = np.zeros(2)
+    for count, size, cin, cout in UNET_150_CONVS:
+        x = jax.random.normal(jax.random.key(0), (batch, size, size, cin))
+        dy = jax.random.normal(jax.random.key(1), (batch, size, size, cout))
+        grad = jax.jit(lambda x, dy, cin=cin, cout=cout: layers.weight_grad(x, dy, (3, 3, cin, cout)),
+                       compiler_options=compilation.compiler_options())
+        x_torch, dy_torch = torch.randn(batch, cin, size, size), torch.randn(batch, cout, size, size)
+        ms = np.array([best_seconds(fn, repeats) * 1e3 for fn in (
+            lambda: jax.block_until_ready(grad(x, dy)),
+            lambda: torch.nn.grad.conv2d_weight(x_torch, (cout, cin, 3, 3), dy_torch, padding=1))])
+        totals += count * ms
+        print(f"  {count:2d} x {batch}x{size}x{size} {cin:3d}->{cout:<3d}  lensjax {ms[0]:7.2f}  "
+              f"PyTorch {ms[1]:7.2f}  lensjax / PyTorch {ms[1] / ms[0]:.2f}x", flush=True)
+    print(f"  per step: lensjax {totals[0]:.1f} ms, PyTorch {totals[1]:.1f} ms "
+          f"({totals[1] / totals[0]:.2f}x)")
 
 
 def time_alternatives(torch, repeats: int) -> None:
