@@ -11,6 +11,7 @@ and serves every task.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -312,6 +313,34 @@ def restore_or_init(config, workdir: Path, state: TrainState, shardings, latest)
 # The loop
 # ----------------------------------------------------------------------------
 
+class LongLivedObjectsFrozen:
+    """While active, objects alive at `freeze()` are out of Python's garbage collector's reach.
+
+    A full (generation-2) collection walks every tracked object. Once JAX, Flax,
+    TensorFlow and a compiled train step are loaded, that is about 600,000 objects
+    and 240-300 ms per collection on the 2-core development CPU: a stall of several
+    demo steps, every time the young objects' churn triggers one. The setup's objects
+    live for the whole run anyway; frozen (`gc.freeze`), a full collection takes
+    about 13 ms. On exit they are unfrozen, so a process that trains several times
+    (a test session) can still collect the cycles of a finished run. Where something
+    else froze objects first, it leaves the freeze as it was.
+    """
+
+    def __enter__(self):
+        self._ours = gc.get_freeze_count() == 0
+        return self
+
+    def freeze(self) -> None:
+        """Collect once, then freeze every object alive now."""
+        if self._ours:
+            gc.collect()
+            gc.freeze()
+
+    def __exit__(self, *exc):
+        if self._ours:
+            gc.unfreeze()
+
+
 class _Preemption:
     """SIGTERM (SLURM preemption, a cluster's shutdown notice) -> save and exit cleanly.
 
@@ -412,7 +441,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     params_finite = jax.jit(lambda tree: jnp.all(jnp.stack(
         [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)])))
 
-    with _Preemption() as preemption:
+    with _Preemption() as preemption, LongLivedObjectsFrozen() as frozen:
         step = start_step
         while step < total:
             # --- one training step ----------------------------------------------------
@@ -421,6 +450,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
             state, step_metrics = step_fn(state, batch, rng)
             train_metrics = step_metrics if train_metrics is None else train_metrics.merge(step_metrics)
             step += 1
+            if step == start_step + 1:   # the state, the data stream and the compiled step exist
+                frozen.freeze()
             for hook in hooks:
                 hook(step)
             preemption.check(step)

@@ -178,3 +178,38 @@ def test_evaluate_overrides_use_the_training_syntax(tmp_path):
         evaluate.config_with_overrides(tmp_path, ["--config.eval.no_such_key=1"])
     with pytest.raises(FileNotFoundError, match="lensjax workdir"):
         evaluate.config_with_overrides(tmp_path / "missing", [])
+
+
+def test_the_loop_freezes_its_setup_objects_and_releases_them_after(tmp_path, monkeypatch):
+    """Full garbage collections skip the objects alive after the first step; the
+    freeze ends with the run, even when the run raises."""
+    import gc
+    seen = []
+    original = train.LongLivedObjectsFrozen.freeze
+
+    def freeze(self):
+        original(self)
+        seen.append(gc.get_freeze_count())
+    monkeypatch.setattr(train.LongLivedObjectsFrozen, "freeze", freeze)
+    assert gc.get_freeze_count() == 0
+    train.train_and_evaluate(tiny_config(steps=3, eval_every=100), tmp_path / "run")
+    assert len(seen) == 1 and seen[0] > 10_000, seen   # jax, flax and the compiled step
+    assert gc.get_freeze_count() == 0
+    with pytest.raises(FloatingPointError):
+        train.train_and_evaluate(tiny_config(steps=4, learning_rate=1e30, grad_clip_norm=0.0,
+                                             warmup_steps=0, log_every=2), tmp_path / "nan")
+    assert len(seen) == 2 and gc.get_freeze_count() == 0
+
+
+def test_an_earlier_freeze_is_left_as_it_was():
+    import gc
+    gc.freeze()
+    try:
+        before = gc.get_freeze_count()
+        with train.LongLivedObjectsFrozen() as frozen:
+            kept = [object() for _ in range(10)]   # noqa: F841  (alive at the freeze)
+            frozen.freeze()
+            assert gc.get_freeze_count() == before
+        assert gc.get_freeze_count() == before
+    finally:
+        gc.unfreeze()

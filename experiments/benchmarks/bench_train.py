@@ -316,7 +316,8 @@ def time_alternating(runs: dict[str, Callable[[int], None]], rounds: int,
     """Median seconds per step of each run, timed in alternating rounds.
 
     Each run first trains `warmup_steps` steps (compilation, allocator warm-up);
-    one more step sizes its rounds to about `round_seconds`. Then `rounds` times
+    one more step sizes its rounds to about `round_seconds`. Then, with the objects
+    alive by then frozen for the garbage collector as lensjax's loop does, `rounds` times
     in turn, every run trains its k steps; alternating spreads outside load on
     a shared machine over both sides instead of biasing one.
     """
@@ -327,12 +328,16 @@ def time_alternating(runs: dict[str, Callable[[int], None]], rounds: int,
         run(1)
         steps_per_round[name] = max(1, round(round_seconds / (time.perf_counter() - start)))
     per_step: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(rounds):
-        for name, run in runs.items():
-            k = steps_per_round[name]
-            start = time.perf_counter()
-            run(k)
-            per_step[name].append((time.perf_counter() - start) / k)
+    # As lensjax's loop does after its first step (and for PyTorch alike, same
+    # process): full garbage collections skip the objects of the setup.
+    with train.LongLivedObjectsFrozen() as frozen:
+        frozen.freeze()
+        for _ in range(rounds):
+            for name, run in runs.items():
+                k = steps_per_round[name]
+                start = time.perf_counter()
+                run(k)
+                per_step[name].append((time.perf_counter() - start) / k)
     return {name: statistics.median(times) for name, times in per_step.items()}
 
 
