@@ -1,6 +1,7 @@
 """The training core: sharded == single-device step, exact resume after a hard kill,
 NaN stops without saving, evaluation report, restore order."""
 
+import gc
 import json
 import os
 import subprocess
@@ -183,7 +184,6 @@ def test_evaluate_overrides_use_the_training_syntax(tmp_path):
 def test_the_loop_freezes_its_setup_objects_and_releases_them_after(tmp_path, monkeypatch):
     """Full garbage collections skip the objects alive after the first step; the
     freeze ends with the run, even when the run raises."""
-    import gc
     seen = []
     original = train.LongLivedObjectsFrozen.freeze
 
@@ -202,7 +202,6 @@ def test_the_loop_freezes_its_setup_objects_and_releases_them_after(tmp_path, mo
 
 
 def test_an_earlier_freeze_is_left_as_it_was():
-    import gc
     gc.freeze()
     try:
         before = gc.get_freeze_count()
