@@ -14,7 +14,10 @@ It also times the stream alone (batches/s without training), which says how much
 generation work the stream adds. Generation and the step run on the same
 devices: on a GPU the simulator's batch is a small fraction of a step and
 overlaps with it; on a CPU both share the same cores, so the stream can only be
-free if the step leaves cores idle.
+free if the step leaves cores idle. The timed rounds run with the setup's objects
+frozen for the garbage collector, as the training loop runs after its first step
+(`train.LongLivedObjectsFrozen`). It prints the ratio of the two feeds' medians and
+the median of each round's own stream / constant ratio.
 
     python experiments/benchmarks/bench_pipeline.py               # ~1 minute on 2 cores
     python experiments/benchmarks/bench_pipeline.py --quick       # < 1 minute
