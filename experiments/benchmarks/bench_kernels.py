@@ -179,9 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads or cores)
     print(f"# jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__} with "
           f"{torch.get_num_threads()} threads, {platform.machine()} {cores} cores, load average "
-          f"{os.getloadavg()[0]:.2f}; float32, best of {args.repeats}; LENSJAX_ONEDNN="
-          f"{os.environ.get(onednn.ENV_SWITCH, '')!r} (oneDNN kernels "
-          f"{'on' if onednn.available() else 'off'})")
+          f"{os.getloadavg()[0]:.2f}; float32, best of {args.repeats}; "
+          f"{onednn.describe_setting()}")
     print(f"{'kernel':<40} {'lensjax ms':>10} {'XLA ms':>8} {'YNN ms':>8} {'torch ms':>9} "
           f"{'lensjax GFLOP/s':>16} {'torch GFLOP/s':>14} {'lensjax / torch':>16}")
 

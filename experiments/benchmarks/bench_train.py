@@ -353,8 +353,7 @@ def machine_line(torch_device: str) -> str:
             f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r} (both frameworks) | "
             f"jax async CPU dispatch {jax.config.values['jax_cpu_enable_async_dispatch']} | "
             f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r} | "
-            f"LENSJAX_ONEDNN={os.environ.get(onednn.ENV_SWITCH, '')!r} (oneDNN kernels "
-            f"{'on' if onednn.available() else 'off'})")
+            f"{onednn.describe_setting()}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -81,7 +81,6 @@ the networks.)
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -270,9 +269,7 @@ def conv_onednn(x: Array, kernel: Array, strides: Sequence[int]) -> Array:
     if not onednn.available():
         raise RuntimeError(
             "conv_impl='onednn' needs XLA:CPU's oneDNN convolutions, which are off here: set "
-            f"{onednn.ENV_SWITCH}=1 to switch them on (now {onednn.ENV_SWITCH}="
-            f"{os.environ.get(onednn.ENV_SWITCH, '')!r}, persistent compilation cache "
-            f"{'on' if onednn.persistent_cache_configured() else 'off'}, backend "
+            f"{onednn.ENV_SWITCH}=1 to switch them on (now {onednn.describe_setting()}, backend "
             f"{jax.default_backend()!r}; they run on CPU with a jaxlib that passes lensjax's "
             "oneDNN probe), or use conv_impl='auto' or 'xla'")
     strides = tuple(int(s) for s in strides)

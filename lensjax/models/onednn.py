@@ -336,6 +336,14 @@ def switched_on() -> bool:
                      "(or true / false, yes / no, on / off)")
 
 
+def describe_setting() -> str:
+    """The switch as runs report it, e.g. "LENSJAX_ONEDNN='' (oneDNN kernels on,
+    persistent compilation cache off)"."""
+    return (f"{ENV_SWITCH}={os.environ.get(ENV_SWITCH, '')!r} (oneDNN kernels "
+            f"{'on' if available() else 'off'}, persistent compilation cache "
+            f"{'on' if persistent_cache_configured() else 'off'})")
+
+
 @contextlib.contextmanager
 def switch(on: bool):
     """Within the block, LENSJAX_ONEDNN is "1" (on) or "0"; the previous value after it.

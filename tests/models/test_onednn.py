@@ -166,9 +166,14 @@ def test_the_switch_and_the_rule(monkeypatch):
                 monkeypatch.setenv(onednn.ENV_SWITCH, setting)
             jax.config.update("jax_compilation_cache_dir", None)
             assert not onednn.persistent_cache_configured() and onednn.available()
+            assert onednn.describe_setting() == (
+                f"LENSJAX_ONEDNN={'' if setting is None else setting!r} (oneDNN kernels on, "
+                "persistent compilation cache off)")
             assert layers.choose_conv_impl((3, 3), 64, backend="cpu") == "onednn"
             jax.config.update("jax_compilation_cache_dir", cache_dir or "/tmp/lensjax-cache")
             assert onednn.persistent_cache_configured() and not onednn.available()
+            assert onednn.describe_setting().endswith(
+                "(oneDNN kernels off, persistent compilation cache on)")
             assert layers.choose_conv_impl((3, 3), 64, backend="cpu") == "xla"
         # "0" is off and "1" on, with or without a cache.
         for cache in (None, cache_dir or "/tmp/lensjax-cache"):
