@@ -101,7 +101,7 @@ def jax_conv_fns(batch: int, size: int, channels: int, options: dict, impl: str 
     else:
         input_grad = lambda x, w, dy: jax.vjp(lambda x: conv(x, w), x)[1](dy)[0]  # noqa: E731
     if name in ("onednn", "xla"):
-        weight_grad = lambda x, w, dy: layers.weight_grad(x, dy, w.shape)  # noqa: E731
+        weight_grad = lambda x, w, dy: layers.weight_grad(x, dy, w)  # noqa: E731
     else:
         weight_grad = lambda x, w, dy: jax.vjp(lambda w: conv(x, w), w)[1](dy)[0]  # noqa: E731
     both = jax.grad(lambda x, w: jnp.sum(jnp.square(conv(x, w))), argnums=(0, 1))
@@ -241,7 +241,8 @@ def time_unet_weight_grads(torch, repeats: int, batch: int = 2) -> None:
     for count, size, cin, cout in UNET_150_CONVS:
         x = jax.random.normal(jax.random.key(0), (batch, size, size, cin))
         dy = jax.random.normal(jax.random.key(1), (batch, size, size, cout))
-        grad = jax.jit(lambda x, dy, cin=cin, cout=cout: layers.weight_grad(x, dy, (3, 3, cin, cout)),
+        kernel = jnp.zeros((3, 3, cin, cout))
+        grad = jax.jit(lambda x, dy, kernel=kernel: layers.weight_grad(x, dy, kernel),
                        compiler_options=compilation.compiler_options())
         x_torch, dy_torch = torch.randn(batch, cin, size, size), torch.randn(batch, cout, size, size)
         ms = np.array([best_seconds(fn, repeats) * 1e3 for fn in (
@@ -299,7 +300,7 @@ def time_alternatives(torch, repeats: int) -> None:
 
 def time_strip_weight_grad(repeats: int) -> None:
     """ms of the weight gradient at the UNet's first level (batch 2): XLA's, YNNPACK's,
-    and lensjax's on image strips (`layers.weight_grad_on_strips`)."""
+    and lensjax's on image strips (`layers.weight_grad`)."""
     from lensjax.models import layers
 
     batch, size, channels = CONV_SHAPES[-1]
@@ -314,7 +315,7 @@ def time_strip_weight_grad(repeats: int) -> None:
              compilation.compiler_options()),
             ("YNNPACK convolution", lambda x, dy: bare_weight_grad(x, dy, w), {}),
             (f"XLA on {strips} strips per image (lensjax)",
-             lambda x, dy: layers.weight_grad_on_strips(x, dy, w.shape, strips),
+             lambda x, dy: layers.weight_grad(x, dy, w, strips),
              compilation.compiler_options())):
         jitted = jax.jit(fn, compiler_options=options)
         ms = best_seconds(lambda: jax.block_until_ready(jitted(x, dy)), repeats) * 1e3

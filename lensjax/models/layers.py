@@ -183,13 +183,12 @@ STRIP_WEIGHT_GRAD_MIN_BATCH = 4
 def conv_xla(x: Array, kernel: Array, strides: Sequence[int]) -> Array:
     """SAME convolution with lax.conv_general_dilated (what nnx.Conv computes).
 
-    On CPU a stride-1 convolution of fewer than STRIP_WEIGHT_GRAD_MIN_BATCH images
-    takes its weight gradient from `weight_grad_on_strips` (same values, summed in
-    another order).
+    On CPU a stride-1 convolution takes its weight gradient from `weight_grad`
+    (same values, summed in another order; on image strips for batches under
+    STRIP_WEIGHT_GRAD_MIN_BATCH).
     """
-    if (jax.default_backend() == "cpu" and tuple(int(s) for s in strides) == (1, 1)
-            and strip_count(x.shape[0], x.shape[1]) > 1):
-        return _conv_small_batch(x, kernel)
+    if jax.default_backend() == "cpu" and tuple(int(s) for s in strides) == (1, 1):
+        return _conv_cpu(x, kernel)
     return _conv_same(x, kernel, strides)
 
 
@@ -204,16 +203,16 @@ def strip_count(batch: int, height: int) -> int:
     return max(1, min(height, -(-STRIP_WEIGHT_GRAD_MIN_BATCH // batch)))
 
 
-def weight_grad_on_strips(x: Array, dy: Array, kernel_shape: Sequence[int],
-                          strips: int) -> Array:
-    """Gradient of a stride-1 SAME convolution w.r.t. its kernel, from image strips.
+def _strip_bands(x: Array, dy: Array, kernel_hw: Sequence[int], strips: int
+                 ) -> tuple[Array, Array]:
+    """Image strips for a VALID weight gradient that equals the SAME convolution's.
 
-    x (B, H, W, cin), dy (B, H, W, cout) -> (kh, kw, cin, cout). Each image is cut
-    into `strips` bands of output rows, each with the kh - 1 input rows around it,
-    and the weight gradient of a VALID convolution is taken over the B * strips
-    bands at once; it equals the SAME convolution's (rows past H are zero padding).
+    x (B, H, W, cin), dy (B, H, W, cout) -> bands (B * strips, rows + kh - 1,
+    W + kw - 1, cin) and dy_bands (B * strips, rows, W, cout): each image cut into
+    `strips` bands of `rows` output rows, each with the kh - 1 input rows around
+    it (rows past H are zero padding).
     """
-    kh, kw = int(kernel_shape[0]), int(kernel_shape[1])
+    kh, kw = int(kernel_hw[0]), int(kernel_hw[1])
     batch, height, width, channels = x.shape
     rows = -(-height // strips)
     extra = rows * strips - height
@@ -223,31 +222,71 @@ def weight_grad_on_strips(x: Array, dy: Array, kernel_shape: Sequence[int],
     bands = jnp.stack([padded[:, i * rows:i * rows + rows + kh - 1] for i in range(strips)], axis=1)
     bands = bands.reshape(batch * strips, rows + kh - 1, width + kw - 1, channels)
     dy_bands = jnp.pad(dy, ((0, 0), (0, extra), (0, 0), (0, 0)))
-    dy_bands = dy_bands.reshape(batch * strips, rows, width, dy.shape[-1])
+    return bands, dy_bands.reshape(batch * strips, rows, width, dy.shape[-1])
 
-    def valid(kernel):
-        return lax.conv_general_dilated(bands, kernel, (1, 1), "VALID", dimension_numbers=_DIMENSIONS)
 
-    zeros = jnp.zeros((kh, kw, channels, dy.shape[-1]), dy.dtype)
-    return jax.vjp(valid, zeros)[1](dy_bands)[0]
+def transpose_unfused(a: Array, axes: Sequence[int], fence: Array) -> Array:
+    """`jnp.transpose(a, axes)` as a copy of `a` materialised, on CPU.
+
+    XLA:CPU fuses the elementwise ops that produce `a` (a BatchNorm, a ReLU, a
+    padding) into the loop of a transpose that consumes it, and that loop reads
+    each of their operands across strides: ReLU(2x + 1) of 8 x 64 x 64 x 64
+    transposed to channels-first takes 6.3-8.5 ms, the transpose of the
+    materialised array 1.3 ms (a blocked copy). A conditional is a fusion
+    boundary (its branch sees `a` as a parameter); `lax.optimization_barrier` is
+    not (XLA:CPU removes it before fusion). The predicate reads one element of
+    `fence` (small and replicated: a kernel), so XLA cannot fold the conditional
+    away; both branches are the same transpose. Elsewhere a plain transpose.
+    """
+    def transpose(a):
+        return jnp.transpose(a, tuple(axes))
+
+    if jax.default_backend() != "cpu":
+        return transpose(a)
+    first = fence.reshape(-1)[0]
+    return lax.cond(first == first, transpose, transpose, a)
+
+
+def weight_grad(x: Array, dy: Array, kernel: Array, strips: int | None = None) -> Array:
+    """Gradient of a stride-1 SAME convolution w.r.t. its kernel, as lensjax computes it on CPU.
+
+    x (B, H, W, cin), dy (B, H, W, cout), kernel (kh, kw, cin, cout) -> (kh, kw, cin,
+    cout) in dy's dtype. XLA's convolution over the batch (the channels of x as its
+    batch, the images as its features), with x transposed channels-first by
+    `transpose_unfused`. Batches under STRIP_WEIGHT_GRAD_MIN_BATCH are cut into
+    image strips first (`strips`, default `strip_count(B, H)`; `_strip_bands`).
+    The values of `jax.vjp` of the convolution, summed in another order.
+    """
+    kh, kw = kernel.shape[:2]
+    strips = strip_count(x.shape[0], x.shape[1]) if strips is None else int(strips)
+    if strips > 1:
+        x, dy = _strip_bands(x, dy, (kh, kw), strips)
+        padding = ((0, 0), (0, 0))
+    else:
+        padding = same_padding(x.shape[1:3], (kh, kw), (1, 1))
+    x_t = transpose_unfused(x, (3, 1, 2, 0), kernel)                     # (cin, H, W, B)
+    dy_t = jnp.transpose(dy, (1, 2, 0, 3))                               # (H, W, B, cout)
+    grad = lax.conv_general_dilated(x_t, dy_t, (1, 1), padding,
+                                    dimension_numbers=_DIMENSIONS)       # (cin, kh, kw, cout)
+    return jnp.transpose(grad, (1, 2, 0, 3))
 
 
 @jax.custom_vjp
-def _conv_small_batch(x: Array, kernel: Array) -> Array:
+def _conv_cpu(x: Array, kernel: Array) -> Array:
     return _conv_same(x, kernel)
 
 
-def _conv_small_batch_fwd(x, kernel):
+def _conv_cpu_fwd(x, kernel):
     return _conv_same(x, kernel), (x, kernel)
 
 
-def _conv_small_batch_bwd(residuals, dy):
+def _conv_cpu_bwd(residuals, dy):
     x, kernel = residuals
     dx = jax.vjp(lambda x: _conv_same(x, kernel), x)[1](dy)[0]
-    return dx, weight_grad(x, dy, kernel.shape).astype(kernel.dtype)
+    return dx, weight_grad(x, dy, kernel).astype(kernel.dtype)
 
 
-_conv_small_batch.defvjp(_conv_small_batch_fwd, _conv_small_batch_bwd)
+_conv_cpu.defvjp(_conv_cpu_fwd, _conv_cpu_bwd)
 
 
 def same_padding(input_size: Sequence[int], kernel_size: Sequence[int],
@@ -286,21 +325,11 @@ def _conv_onednn_fwd(x, kernel, strides, padding):
     return onednn.conv(x, kernel, strides, padding), (x, kernel)
 
 
-def weight_grad(x: Array, dy: Array, kernel_shape: Sequence[int]) -> Array:
-    """Weight gradient of a stride-1 SAME convolution as lensjax computes it on CPU:
-    XLA's, on image strips (`weight_grad_on_strips`) for batches under
-    STRIP_WEIGHT_GRAD_MIN_BATCH. x (B, H, W, cin), dy (B, H, W, cout) -> kernel_shape."""
-    strips = strip_count(x.shape[0], x.shape[1])
-    if strips > 1:
-        return weight_grad_on_strips(x, dy, kernel_shape, strips)
-    return jax.vjp(lambda k: _conv_same(x, k), jnp.zeros(kernel_shape, dy.dtype))[1](dy)[0]
-
-
 def _conv_onednn_bwd(strides, padding, residuals, dy):
     x, kernel = residuals
     if strides != (1, 1):
         return jax.vjp(lambda x, k: _conv_same(x, k, strides), x, kernel)[1](dy)
-    dkernel = weight_grad(x, dy, kernel.shape)
+    dkernel = weight_grad(x, dy, kernel)
     if strip_count(x.shape[0], x.shape[1]) > 1:
         # The strips' pad and stack copies run on one thread each; overlapping them
         # with oneDNN's two-thread input gradient stalls it, so the input gradient

@@ -109,7 +109,7 @@ def test_input_grad_equals_laxs(shape, kernel_hw):
 @requires_onednn
 @pytest.mark.parametrize("batch, strides", [(1, 1), (2, 1), (8, 1), (4, 2)])
 def test_conv_onednn_values_and_gradients_equal_laxs(batch, strides):
-    # Batches 1 and 2 take the strip weight gradient, 8 XLA's own, stride 2 lax's backward.
+    # Batches 1 and 2 take the weight gradient on strips, 8 on whole images, stride 2 lax's backward.
     x, kernel, _ = _arrays(batch, 12, 11, 5, (3, 3), 7, seed=batch)
 
     def loss(conv):

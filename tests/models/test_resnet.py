@@ -137,16 +137,16 @@ def _lax_conv(x, kernel):
 
 @pytest.mark.parametrize("batch, height, width, kernel_size, strips", [
     (2, 19, 17, 3, 2), (1, 10, 10, 3, 4), (3, 7, 9, 5, 3), (2, 8, 8, 4, 2), (1, 6, 5, 3, 6),
-    (2, 152, 152, 3, 2)])
-def test_weight_gradient_on_strips_equals_xlas(batch, height, width, kernel_size, strips):
+    (2, 152, 152, 3, 2), (8, 12, 10, 3, 1), (4, 9, 9, 4, 1)])
+def test_weight_gradient_equals_xlas(batch, height, width, kernel_size, strips):
     # Strips that do not divide the height, an even kernel (asymmetric SAME padding),
-    # one strip per row, and the UNet's first level.
+    # one strip per row, the UNet's first level, and whole images (strips=1).
     key_x, key_w, key_dy = jax.random.split(jax.random.key(height * 10 + kernel_size), 3)
     x = jax.random.normal(key_x, (batch, height, width, 4))
     kernel = jax.random.normal(key_w, (kernel_size, kernel_size, 4, 6))
     dy = jax.random.normal(key_dy, (batch, height, width, 6))
     expected = jax.vjp(lambda k: _lax_conv(x, k), kernel)[1](dy)[0]
-    got = layers.weight_grad_on_strips(x, dy, kernel.shape, strips)
+    got = jax.jit(layers.weight_grad, static_argnums=3)(x, dy, kernel, strips)
     _assert_close_to_scale(got, expected)
 
 
@@ -160,7 +160,7 @@ def test_strip_count():
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="the strip path is CPU-only")
 @pytest.mark.parametrize("batch", [1, 2, 8])
 def test_conv_xla_values_and_gradients_equal_laxs_at_every_batch(batch):
-    # Small batches take the strip weight gradient (a custom VJP); 8 takes XLA's own.
+    # Every batch takes lensjax's weight gradient (a custom VJP), small ones on strips.
     x = _images(batch, 12, channels=5)
     kernel = jax.random.normal(jax.random.key(7), (3, 3, 5, 7)) / np.sqrt(45.0)
 
@@ -173,8 +173,27 @@ def test_conv_xla_values_and_gradients_equal_laxs_at_every_batch(batch):
     np.testing.assert_allclose(value, ref_value, rtol=1e-6)
     np.testing.assert_array_equal(dx, ref_dx)
     _assert_close_to_scale(dk, ref_dk)
-    uses_strips = "custom_vjp" in str(jax.make_jaxpr(lambda x: layers.conv_xla(x, kernel, (1, 1)))(x))
-    assert uses_strips == (batch < layers.STRIP_WEIGHT_GRAD_MIN_BATCH)
+    assert "custom_vjp" in str(jax.make_jaxpr(lambda x: layers.conv_xla(x, kernel, (1, 1)))(x))
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the fusion barrier is CPU-only")
+def test_weight_gradient_transposes_a_materialised_input():
+    # The channels-first copy of x sits in a conditional's branch, so XLA:CPU cannot fuse
+    # the ReLU that produces x into it; the gradient keeps lax's values.
+    x = _images(8, 12, channels=5)
+    kernel = jax.random.normal(jax.random.key(7), (3, 3, 5, 7)) / np.sqrt(45.0)
+
+    def loss(conv):
+        return lambda x, k: jnp.sum(jnp.sin(conv(jax.nn.relu(2.0 * x + 1.0), k)))
+
+    ours = jax.jit(jax.grad(loss(lambda x, k: layers.conv_xla(x, k, (1, 1))), 1))
+    hlo = ours.lower(x, kernel).compile().as_text()
+    assert "conditional(" in hlo
+    expected = jax.grad(loss(_lax_conv), 1)(x, kernel)
+    _assert_close_to_scale(ours(x, kernel), expected)
+    # With a NaN in the kernel (the other branch) the gradient is lax's too.
+    bad = kernel.at[0, 0, 0, 0].set(jnp.nan)
+    np.testing.assert_array_equal(np.isnan(ours(x, bad)), np.isnan(jax.grad(loss(_lax_conv), 1)(x, bad)))
 
 
 @pytest.mark.parametrize("size, window, strides, padding", [
