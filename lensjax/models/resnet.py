@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lensjax.models import register
-from lensjax.models.layers import CONV_IMPLS, Conv, max_pool
+from lensjax.models.layers import CONV_IMPLS, BatchNorm, Conv, max_pool
 
 Array = jax.Array
 
@@ -36,12 +36,12 @@ IMAGENET_STEM_MIN_SIZE = 128
 
 
 def _batch_norm(features: int, *, dtype: Any, zero_scale: bool = False,
-                rngs: nnx.Rngs) -> nnx.BatchNorm:
+                rngs: nnx.Rngs) -> BatchNorm:
     # momentum 0.9 (PyTorch's 0.1): running statistics settle within the few
     # hundred steps of short lensing runs; Flax's 0.99 default lags far behind.
-    return nnx.BatchNorm(features, momentum=0.9, epsilon=1e-5, dtype=dtype,
-                         scale_init=nnx.initializers.zeros if zero_scale else nnx.initializers.ones,
-                         rngs=rngs)
+    return BatchNorm(features, momentum=0.9, epsilon=1e-5, dtype=dtype,
+                     scale_init=nnx.initializers.zeros if zero_scale else nnx.initializers.ones,
+                     rngs=rngs)
 
 
 class BasicBlock(nnx.Module):

@@ -329,3 +329,70 @@ def test_optax_step_decreases_loss_on_a_fixed_batch():
     # The head is among the trained parameters (a known failure of public code).
     head_before = nnx.state(model, nnx.Param)["head"]["kernel"][...]
     assert not np.allclose(np.asarray(params["head"]["kernel"][...]), np.asarray(head_before))
+
+
+@pytest.mark.parametrize("shape", [(4, 6, 6, 8), (8, 5, 7, 16), (3, 12)])
+def test_batch_norm_equals_nnx_batch_norm_with_gradients_and_statistics(shape):
+    """lensjax's BatchNorm (written-out gradient) against nnx.BatchNorm in training
+    mode: same outputs, running statistics and gradients for x, scale and bias, on
+    inputs with a non-zero mean, a random scale and bias, and a loss that also
+    reaches the batch statistics through the returned mean and variance."""
+    channels = shape[-1]
+    make = dict(momentum=0.9, epsilon=1e-5, rngs=nnx.Rngs(0))
+    ours, ref = layers.BatchNorm(channels, **make), nnx.BatchNorm(channels, **make)
+    assert jax.tree.structure(nnx.state(ours)) == jax.tree.structure(nnx.state(ref))
+    for module in (ours, ref):
+        module.scale[...] = 1.0 + 0.3 * jax.random.normal(jax.random.key(1), (channels,))
+        module.bias[...] = 0.1 * jax.random.normal(jax.random.key(2), (channels,))
+    x = 1.5 + 2.0 * jax.random.normal(jax.random.key(3), shape)
+    dy = jax.random.normal(jax.random.key(4), shape)
+
+    def run(module):
+        graphdef, params, stats = nnx.split(module, nnx.Param, nnx.BatchStat)
+
+        def fn(p, s, x):
+            merged = nnx.merge(graphdef, p, s)
+            return merged(x), nnx.state(merged, nnx.BatchStat)
+
+        (y, new_stats), vjp = jax.vjp(fn, params, stats, x)
+        p_grad, _, x_grad = vjp((dy, jax.tree.map(jnp.zeros_like, new_stats)))
+        return y, new_stats, (p_grad, x_grad)
+
+    (y, stats, (p, dx)), (y_ref, stats_ref, (p_ref, dx_ref)) = run(ours), run(ref)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(y_ref), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(dx), np.asarray(dx_ref), rtol=1e-4, atol=1e-5)
+    for name in ("mean", "var"):
+        np.testing.assert_allclose(np.asarray(stats[name][...]), np.asarray(stats_ref[name][...]),
+                                   rtol=1e-5, atol=1e-6, err_msg=name)
+    for name in ("scale", "bias"):
+        np.testing.assert_allclose(np.asarray(p[name][...]), np.asarray(p_ref[name][...]),
+                                   rtol=1e-4, atol=1e-4, err_msg=name)
+    # Gradients through the returned statistics: a loss on the mean and variance.
+    def stat_loss(fn):
+        return lambda x: jnp.sum(jnp.sin(fn(x)[1]) + jnp.cos(2.0 * fn(x)[2]))
+
+    ours_fn = lambda x: layers.batch_norm_train(x, jnp.ones(channels), jnp.zeros(channels), 1e-5)
+    ref_fn = lambda x: (None, *layers._channel_stats(x))
+    np.testing.assert_allclose(np.asarray(jax.grad(stat_loss(ours_fn))(x)),
+                               np.asarray(jax.grad(stat_loss(ref_fn))(x)), rtol=1e-4, atol=1e-6)
+
+
+def _jaxpr_of_call(module, x) -> str:
+    graphdef, state = nnx.split(module)
+    return str(jax.make_jaxpr(lambda state, x: nnx.merge(graphdef, state)(x))(state, x))
+
+
+def test_batch_norm_falls_back_to_nnx_outside_float32_training():
+    ours = layers.BatchNorm(8, momentum=0.9, rngs=nnx.Rngs(0))
+    ref = nnx.BatchNorm(8, momentum=0.9, rngs=nnx.Rngs(0))
+    x = 1.0 + jax.random.normal(jax.random.key(0), (4, 3, 3, 8))
+    for module in (ours, ref):
+        module(x)                                       # one training step of statistics
+        module.eval()
+    np.testing.assert_allclose(np.asarray(ours(x)), np.asarray(ref(x)), rtol=1e-5, atol=1e-6)
+    assert "custom_vjp" not in _jaxpr_of_call(ours, x)
+    half = layers.BatchNorm(8, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    assert half(x).dtype == jnp.bfloat16
+    assert "custom_vjp" not in _jaxpr_of_call(half, x)
+    ours.train()
+    assert "custom_vjp" in _jaxpr_of_call(ours, x)
