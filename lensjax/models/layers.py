@@ -474,6 +474,73 @@ class BatchNorm(nnx.BatchNorm):
 
 
 # ----------------------------------------------------------------------------
+# Layer normalisation
+# ----------------------------------------------------------------------------
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def layer_norm(x: Array, scale: Array, bias: Array, epsilon: float) -> Array:
+    """LayerNorm of float32 x (..., D) over its last axis, with scale, bias (D,).
+
+    nnx.LayerNorm's values (variance E[x^2] - E[x]^2, clipped at 0) with a
+    written-out gradient: two row reductions and one elementwise pass for x, and a
+    column sum each for scale and bias. The ViT-S MAE train step is 1.02-1.03x
+    faster on CPU than when differentiating nnx.LayerNorm (two one-off A/Bs: 446 ->
+    434 and 434 -> 426 ms).
+    """
+    return _layer_norm_fwd(x, scale, bias, epsilon)[0]
+
+
+def _layer_norm_fwd(x, scale, bias, epsilon):
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    mean_sq = jnp.mean(x * x, axis=-1, keepdims=True)
+    inv_std = lax.rsqrt(jnp.maximum(mean_sq - mean * mean, 0.0) + epsilon)
+    x_hat = (x - mean) * inv_std
+    return x_hat * scale + bias, (x_hat, inv_std, scale)
+
+
+def _layer_norm_bwd(epsilon, residuals, dy):
+    """With g = dy scale: dx = inv_std (g - mean(g) - x_hat mean(g x_hat)) per row;
+    dscale = sum(dy x_hat), dbias = sum(dy) over rows."""
+    x_hat, inv_std, scale = residuals
+    g = dy * scale
+    dx = inv_std * (g - jnp.mean(g, axis=-1, keepdims=True)
+                    - x_hat * jnp.mean(g * x_hat, axis=-1, keepdims=True))
+    rows_dy, rows_x_hat = dy.reshape(-1, dy.shape[-1]), x_hat.reshape(-1, dy.shape[-1])
+    return dx, jnp.sum(rows_dy * rows_x_hat, axis=0), jnp.sum(rows_dy, axis=0)
+
+
+layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
+
+def _last_axis_only(axes: int | Sequence[int], ndim: int) -> bool:
+    axes = (axes,) if isinstance(axes, int) else tuple(axes)
+    return len(axes) == 1 and axes[0] % ndim == ndim - 1
+
+
+class LayerNorm(nnx.LayerNorm):
+    """`nnx.LayerNorm` (same parameters, options and values) whose pass over float32
+    features on the last axis is `layer_norm`, with its written-out gradient.
+    Other cases (masks, `axis_name`, other axes or dtypes, no scale or bias) are
+    nnx.LayerNorm's own."""
+
+    def __call__(self, x: Array, *, mask: Array | None = None) -> Array:
+        """x (..., D) -> (..., D)."""
+        if (mask is not None or self.axis_name is not None or self.scale is None
+                or self.bias is None or not _last_axis_only(self.reduction_axes, x.ndim)
+                or not _last_axis_only(self.feature_axes, x.ndim)
+                or self._compute_dtype(x) != jnp.float32):
+            return super().__call__(x, mask=mask)
+        return layer_norm(x.astype(jnp.float32), self.scale[...], self.bias[...],
+                          float(self.epsilon))
+
+    def _compute_dtype(self, x: Array):
+        """The dtype nnx.LayerNorm normalises in: `dtype`, else that of x and the parameters."""
+        if self.dtype is not None:
+            return jnp.dtype(self.dtype)
+        return jnp.result_type(x, self.scale[...], self.bias[...])
+
+
+# ----------------------------------------------------------------------------
 # Group normalisation
 # ----------------------------------------------------------------------------
 

@@ -48,7 +48,7 @@ import numpy as np
 from flax import nnx
 
 from lensjax.models import register
-from lensjax.models.layers import dense_dot_general, dot_product_attention
+from lensjax.models.layers import LayerNorm, dense_dot_general, dot_product_attention
 
 Array = jax.Array
 
@@ -195,9 +195,10 @@ def xavier_linear(in_features: int, out_features: int, *, dtype: Any, rngs: nnx.
                       dot_general=dense_dot_general, rngs=rngs)
 
 
-def layer_norm(features: int, *, dtype: Any, rngs: nnx.Rngs) -> nnx.LayerNorm:
-    """LayerNorm over the last axis (`features`) with epsilon 1e-6."""
-    return nnx.LayerNorm(features, epsilon=LAYER_NORM_EPSILON, dtype=dtype, rngs=rngs)
+def layer_norm(features: int, *, dtype: Any, rngs: nnx.Rngs) -> LayerNorm:
+    """LayerNorm over the last axis (`features`) with epsilon 1e-6 (nnx.LayerNorm's
+    parameters and values; `layers.LayerNorm`, with a written-out gradient)."""
+    return LayerNorm(features, epsilon=LAYER_NORM_EPSILON, dtype=dtype, rngs=rngs)
 
 
 class SelfAttention(nnx.Module):

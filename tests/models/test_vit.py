@@ -321,3 +321,48 @@ def test_attention_equals_jax_dot_product_attention(shape):
     np.testing.assert_allclose(np.asarray(out, np.float32),
                                np.asarray(jax.nn.dot_product_attention(qb, kb, vb), np.float32),
                                atol=2e-2)
+
+
+@pytest.mark.parametrize("shape", [(4, 17, 24), (3, 10), (2, 3, 5, 8)])
+def test_layer_norm_equals_nnx_layer_norm_with_gradients(shape):
+    """lensjax's LayerNorm (written-out gradient) against nnx.LayerNorm: same
+    parameters, outputs and gradients for x, scale and bias, on inputs with a
+    non-zero mean and a random scale and bias."""
+    from lensjax.models.layers import LayerNorm
+
+    features = shape[-1]
+    ours = LayerNorm(features, epsilon=1e-6, rngs=nnx.Rngs(0))
+    ref = nnx.LayerNorm(features, epsilon=1e-6, rngs=nnx.Rngs(0))
+    assert jax.tree.structure(nnx.state(ours)) == jax.tree.structure(nnx.state(ref))
+    for module in (ours, ref):
+        module.scale[...] = 1.0 + 0.3 * jax.random.normal(jax.random.key(1), (features,))
+        module.bias[...] = 0.1 * jax.random.normal(jax.random.key(2), (features,))
+    x = 1.5 + 2.0 * jax.random.normal(jax.random.key(3), shape)
+    dy = jax.random.normal(jax.random.key(4), shape)
+
+    def grads(module):
+        graphdef, params = nnx.split(module, nnx.Param)
+        y, vjp = jax.vjp(lambda p, x: nnx.merge(graphdef, p)(x), params, x)
+        return y, vjp(dy)
+
+    (y, (p, dx)), (y_ref, (p_ref, dx_ref)) = grads(ours), grads(ref)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(y_ref), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(dx), np.asarray(dx_ref), rtol=1e-4, atol=1e-5)
+    for name in ("scale", "bias"):
+        np.testing.assert_allclose(np.asarray(p[name][...]), np.asarray(p_ref[name][...]),
+                                   rtol=1e-4, atol=1e-4, err_msg=name)
+    assert "custom_vjp" in str(jax.make_jaxpr(lambda x: ours(x))(x))
+
+
+def test_layer_norm_falls_back_to_nnx_outside_float32_last_axis():
+    from lensjax.models.layers import LayerNorm
+
+    x = jax.random.normal(jax.random.key(0), (2, 4, 6))
+    half = LayerNorm(6, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    ref = nnx.LayerNorm(6, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    assert half(x).dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(half(x), np.float32), np.asarray(ref(x), np.float32))
+    assert "custom_vjp" not in str(jax.make_jaxpr(lambda x: half(x))(x))
+    both = LayerNorm(6, reduction_axes=(-2, -1), feature_axes=-1, rngs=nnx.Rngs(0))
+    both_ref = nnx.LayerNorm(6, reduction_axes=(-2, -1), feature_axes=-1, rngs=nnx.Rngs(0))
+    np.testing.assert_array_equal(np.asarray(both(x)), np.asarray(both_ref(x)))
