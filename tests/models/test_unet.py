@@ -20,6 +20,7 @@ from jax.flatten_util import ravel_pytree
 from lensjax import diffusion
 from lensjax.models import MODELS, get_model
 from lensjax.models import unet
+from tests.models import norm_checks
 
 TINY = dict(base_width=8, channel_mults=(1, 2, 2), num_res_blocks=1, num_groups=4, num_heads=2)
 # Padded level sizes: 150 -> (152, 76, 38); 64 -> (64, 32, 16); 16 -> (16, 8, 4).
@@ -272,26 +273,10 @@ def test_group_norm_equals_nnx_group_norm_with_gradients(shape, groups):
     ref = nnx.GroupNorm(channels, num_groups=groups, epsilon=1e-5, rngs=nnx.Rngs(0))
     assert jax.tree.structure(nnx.state(ours, nnx.Param)) == jax.tree.structure(
         nnx.state(ref, nnx.Param))
-    scale = 1.0 + 0.3 * jax.random.normal(jax.random.key(1), (channels,))
-    bias = 0.1 * jax.random.normal(jax.random.key(2), (channels,))
-    for module in (ours, ref):
-        module.scale[...] = scale
-        module.bias[...] = bias
-    x = 1.5 + 2.0 * jax.random.normal(jax.random.key(3), shape)
-    dy = jax.random.normal(jax.random.key(4), shape)
-
-    def grads(module):
-        graphdef, params = nnx.split(module, nnx.Param)
-        fn = lambda p, x: nnx.merge(graphdef, p)(x)
-        y, vjp = jax.vjp(fn, params, x)
-        return y, vjp(dy)
-
-    (y_ours, (p_ours, x_ours)), (y_ref, (p_ref, x_ref)) = grads(ours), grads(ref)
-    np.testing.assert_allclose(np.asarray(y_ours), np.asarray(y_ref), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(np.asarray(x_ours), np.asarray(x_ref), rtol=1e-4, atol=1e-5)
-    for name in ("scale", "bias"):
-        np.testing.assert_allclose(np.asarray(p_ours[name][...]), np.asarray(p_ref[name][...]),
-                                   rtol=1e-4, atol=1e-4, err_msg=name)
+    norm_checks.same_random_affine((ours, ref), channels)
+    x, dy = norm_checks.inputs_and_cotangent(shape)
+    norm_checks.assert_same_outputs_and_grads(norm_checks.output_and_param_grads(ours, x, dy),
+                                              norm_checks.output_and_param_grads(ref, x, dy))
 
 
 def test_group_norm_bfloat16_and_bad_groups():

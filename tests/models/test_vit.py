@@ -25,6 +25,7 @@ from jax.flatten_util import ravel_pytree
 
 from lensjax.models import MODELS, get_model
 from lensjax.models import vit
+from tests.models import norm_checks
 
 TINY = dict(width=32, depth=2, num_heads=2)
 # Most tests share one encoder geometry (16 px, patch 4: a 4 x 4 grid) so that
@@ -334,23 +335,10 @@ def test_layer_norm_equals_nnx_layer_norm_with_gradients(shape):
     ours = LayerNorm(features, epsilon=1e-6, rngs=nnx.Rngs(0))
     ref = nnx.LayerNorm(features, epsilon=1e-6, rngs=nnx.Rngs(0))
     assert jax.tree.structure(nnx.state(ours)) == jax.tree.structure(nnx.state(ref))
-    for module in (ours, ref):
-        module.scale[...] = 1.0 + 0.3 * jax.random.normal(jax.random.key(1), (features,))
-        module.bias[...] = 0.1 * jax.random.normal(jax.random.key(2), (features,))
-    x = 1.5 + 2.0 * jax.random.normal(jax.random.key(3), shape)
-    dy = jax.random.normal(jax.random.key(4), shape)
-
-    def grads(module):
-        graphdef, params = nnx.split(module, nnx.Param)
-        y, vjp = jax.vjp(lambda p, x: nnx.merge(graphdef, p)(x), params, x)
-        return y, vjp(dy)
-
-    (y, (p, dx)), (y_ref, (p_ref, dx_ref)) = grads(ours), grads(ref)
-    np.testing.assert_allclose(np.asarray(y), np.asarray(y_ref), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(np.asarray(dx), np.asarray(dx_ref), rtol=1e-4, atol=1e-5)
-    for name in ("scale", "bias"):
-        np.testing.assert_allclose(np.asarray(p[name][...]), np.asarray(p_ref[name][...]),
-                                   rtol=1e-4, atol=1e-4, err_msg=name)
+    norm_checks.same_random_affine((ours, ref), features)
+    x, dy = norm_checks.inputs_and_cotangent(shape)
+    norm_checks.assert_same_outputs_and_grads(norm_checks.output_and_param_grads(ours, x, dy),
+                                              norm_checks.output_and_param_grads(ref, x, dy))
     assert "custom_vjp" in str(jax.make_jaxpr(lambda x: ours(x))(x))
 
 
