@@ -387,6 +387,18 @@ _dense.defvjp(_dense_fwd, _dense_bwd)
 # Batch normalisation
 # ----------------------------------------------------------------------------
 
+def _norm_dtype(dtype: Any, *arrays: Array):
+    """The dtype Flax's normalisation layers compute in: `dtype`, else the common
+    dtype of the input, parameters and statistics."""
+    return jnp.dtype(dtype) if dtype is not None else jnp.result_type(*arrays)
+
+
+def _last_axis_only(axes: int | Sequence[int], ndim: int) -> bool:
+    """Whether `axes` names only the last of `ndim` axes."""
+    axes = (axes,) if isinstance(axes, int) else tuple(axes)
+    return len(axes) == 1 and axes[0] % ndim == ndim - 1
+
+
 def _channel_stats(x: Array) -> tuple[Array, Array]:
     """Mean and variance (C,) of x (..., C) over every axis but the last, as
     nnx.BatchNorm computes them: E[x^2] - E[x]^2, clipped at 0."""
@@ -453,10 +465,10 @@ class BatchNorm(nnx.BatchNorm):
                  mask: Array | None = None) -> Array:
         """x (..., C) -> (..., C)."""
         running = self.use_running_average if use_running_average is None else use_running_average
-        params = (self.scale, self.bias)
         if (running or mask is not None or self.axis_name is not None
-                or self.axis not in (-1, x.ndim - 1) or any(p is None for p in params)
-                or self._compute_dtype(x) != jnp.float32):
+                or self.scale is None or self.bias is None or not _last_axis_only(self.axis, x.ndim)
+                or _norm_dtype(self.dtype, x, self.scale[...], self.bias[...], self.mean[...],
+                               self.var[...]) != jnp.float32):
             return super().__call__(x, use_running_average, mask=mask)
         y, mean, var = batch_norm_train(x.astype(jnp.float32), self.scale[...], self.bias[...],
                                         float(self.epsilon))
@@ -464,13 +476,6 @@ class BatchNorm(nnx.BatchNorm):
         self.mean[...] = lax.stop_gradient(momentum * self.mean[...] + (1 - momentum) * mean)
         self.var[...] = lax.stop_gradient(momentum * self.var[...] + (1 - momentum) * var)
         return y
-
-    def _compute_dtype(self, x: Array):
-        """The dtype nnx.BatchNorm normalises in: `dtype`, else that of x, the
-        parameters and the statistics together."""
-        if self.dtype is not None:
-            return jnp.dtype(self.dtype)
-        return jnp.result_type(x, self.scale[...], self.bias[...], self.mean[...], self.var[...])
 
 
 # ----------------------------------------------------------------------------
@@ -512,11 +517,6 @@ def _layer_norm_bwd(epsilon, residuals, dy):
 layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
 
 
-def _last_axis_only(axes: int | Sequence[int], ndim: int) -> bool:
-    axes = (axes,) if isinstance(axes, int) else tuple(axes)
-    return len(axes) == 1 and axes[0] % ndim == ndim - 1
-
-
 class LayerNorm(nnx.LayerNorm):
     """`nnx.LayerNorm` (same parameters, options and values) whose pass over float32
     features on the last axis is `layer_norm`, with its written-out gradient.
@@ -528,16 +528,10 @@ class LayerNorm(nnx.LayerNorm):
         if (mask is not None or self.axis_name is not None or self.scale is None
                 or self.bias is None or not _last_axis_only(self.reduction_axes, x.ndim)
                 or not _last_axis_only(self.feature_axes, x.ndim)
-                or self._compute_dtype(x) != jnp.float32):
+                or _norm_dtype(self.dtype, x, self.scale[...], self.bias[...]) != jnp.float32):
             return super().__call__(x, mask=mask)
         return layer_norm(x.astype(jnp.float32), self.scale[...], self.bias[...],
                           float(self.epsilon))
-
-    def _compute_dtype(self, x: Array):
-        """The dtype nnx.LayerNorm normalises in: `dtype`, else that of x and the parameters."""
-        if self.dtype is not None:
-            return jnp.dtype(self.dtype)
-        return jnp.result_type(x, self.scale[...], self.bias[...])
 
 
 # ----------------------------------------------------------------------------
@@ -630,7 +624,7 @@ class GroupNorm(nnx.Module):
     def __call__(self, x: Array) -> Array:
         """x (B, H, W, C) -> (B, H, W, C) in `dtype` (default: x's and the parameters' common dtype)."""
         scale, bias = self.scale[...], self.bias[...]
-        out_dtype = self.dtype or jnp.result_type(x, scale, bias)
+        out_dtype = _norm_dtype(self.dtype, x, scale, bias)
         return group_norm(x.astype(out_dtype), scale.astype(jnp.float32), bias.astype(jnp.float32),
                           self.num_groups, float(self.epsilon))
 
