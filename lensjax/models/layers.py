@@ -609,6 +609,79 @@ def _group_norm_bwd(groups, epsilon, residuals, dy):
 group_norm.defvjp(_group_norm_fwd, _group_norm_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def group_norm_silu(x: Array, scale: Array, bias: Array, film_scale: Array, film_shift: Array,
+                    groups: int, epsilon: float) -> Array:
+    """SiLU(GroupNorm(x) * (1 + film_scale) + film_shift) of NHWC x (B, H, W, C).
+
+    scale, bias (C,) are the GroupNorm's parameters; film_scale, film_shift (B, C)
+    float32 modulate each image's channels (a diffusion UNet's time embedding; zeros
+    for none). The value of `jax.nn.silu` applied to that composition, computed in
+    float32 and returned in x's dtype. The gradient is written out: the forward pass
+    stores no activation besides x (SiLU's sigmoid is recomputed), and the gradients
+    of film_scale and film_shift come from the two per-(image, channel) reductions
+    that the GroupNorm's gradient needs anyway.
+    """
+    return _group_norm_silu_fwd(x, scale, bias, film_scale, film_shift, groups, epsilon)[0]
+
+
+def _modulated_affine(x, scale, bias, film_scale, film_shift, groups, epsilon):
+    """Per-(image, channel) gain and offset (B, 1, 1, C) of z = x * gain + offset, with
+    the group statistics mean, inv_std (B, G)."""
+    channels = x.shape[-1]
+    mean, var = _group_stats(x, groups)
+    inv_std = lax.rsqrt(var + epsilon)
+    modulation = (1.0 + film_scale)[:, None, None, :]
+    gain = _per_channel(inv_std, channels) * scale
+    offset = (bias - _per_channel(mean, channels) * gain) * modulation + film_shift[:, None, None, :]
+    return gain * modulation, offset, mean, inv_std
+
+
+def _group_norm_silu_fwd(x, scale, bias, film_scale, film_shift, groups, epsilon):
+    gain, offset, mean, inv_std = _modulated_affine(x, scale, bias, film_scale, film_shift,
+                                                    groups, epsilon)
+    z = x.astype(jnp.float32) * gain + offset
+    return (z * jax.nn.sigmoid(z)).astype(x.dtype), (x, mean, inv_std, scale, bias, film_scale,
+                                                      film_shift)
+
+
+def _group_norm_silu_bwd(groups, epsilon, residuals, d_out):
+    """With z = y (1 + s) + t, y = x_hat scale + bias and dz = d_out SiLU'(z), per image
+    and channel: dt = sum(dz), ds = sum(dz y); the GroupNorm's own gradient then has
+    dy = dz (1 + s), whose per-channel sums are (1 + s) times those of dz."""
+    x, mean, inv_std, scale, bias, film_scale, film_shift = residuals
+    batch, height, width, channels = x.shape
+    size = channels // groups
+    x32 = x.astype(jnp.float32)
+    gain, offset = (v for v in _modulated_affine(x, scale, bias, film_scale, film_shift,
+                                                 groups, epsilon)[:2])
+    z = x32 * gain + offset
+    sig = jax.nn.sigmoid(z)
+    dz = d_out.astype(jnp.float32) * sig * (1.0 + z * (1.0 - sig))
+    flat = (batch, height * width, channels)
+    sum_dz = jnp.sum(dz.reshape(flat), axis=1)                               # (B, C)
+    sum_dz_x = jnp.sum((dz * x32).reshape(flat), axis=1)
+    mean_c, inv_c = (jnp.repeat(v, size, axis=1) for v in (mean, inv_std))
+    sum_dz_xhat = (sum_dz_x - mean_c * sum_dz) * inv_c                       # (B, C)
+    d_film_shift = sum_dz
+    d_film_scale = sum_dz_xhat * scale + sum_dz * bias
+    modulation = 1.0 + film_scale
+    sum_dy, sum_dy_xhat = sum_dz * modulation, sum_dz_xhat * modulation
+    count = height * width * size
+    mean_g = _group_sums(sum_dy * scale, groups) / count
+    mean_g_xhat = _group_sums(sum_dy_xhat * scale, groups) / count
+    inv, m_g, m_gx, mu = (_per_channel(v, channels) for v in (inv_std, mean_g, mean_g_xhat, mean))
+    # dx = dz * (inv scale (1 + s)) + x * (-inv^2 m_gx) + (inv^2 m_gx mu - inv m_g), one pass.
+    dx = (dz * (inv * scale * modulation[:, None, None, :]) - x32 * (inv * inv * m_gx)
+          + (inv * inv * m_gx * mu - inv * m_g))
+    return (dx.astype(x.dtype), jnp.sum(sum_dy_xhat, 0).astype(scale.dtype),
+            jnp.sum(sum_dy, 0).astype(bias.dtype), d_film_scale.astype(film_scale.dtype),
+            d_film_shift.astype(film_shift.dtype))
+
+
+group_norm_silu.defvjp(_group_norm_silu_fwd, _group_norm_silu_bwd)
+
+
 class GroupNorm(nnx.Module):
     """GroupNorm over NHWC maps: the parameters (`scale`, `bias`), values and dtype
     rules of `nnx.GroupNorm`, with `group_norm`'s written-out gradient."""
@@ -627,6 +700,19 @@ class GroupNorm(nnx.Module):
         out_dtype = _norm_dtype(self.dtype, x, scale, bias)
         return group_norm(x.astype(out_dtype), scale.astype(jnp.float32), bias.astype(jnp.float32),
                           self.num_groups, float(self.epsilon))
+
+    def silu(self, x: Array, film_scale: Array | None = None, film_shift: Array | None = None
+             ) -> Array:
+        """SiLU(self(x) * (1 + film_scale) + film_shift) by `group_norm_silu`: x (B, H, W, C),
+        film_scale and film_shift (B, C) or None (no modulation) -> (B, H, W, C)."""
+        scale, bias = self.scale[...], self.bias[...]
+        out_dtype = _norm_dtype(self.dtype, x, scale, bias)
+        zeros = jnp.zeros((x.shape[0], x.shape[-1]), jnp.float32)
+        film_scale = zeros if film_scale is None else film_scale.astype(jnp.float32)
+        film_shift = zeros if film_shift is None else film_shift.astype(jnp.float32)
+        return group_norm_silu(x.astype(out_dtype), scale.astype(jnp.float32),
+                               bias.astype(jnp.float32), film_scale, film_shift,
+                               self.num_groups, float(self.epsilon))
 
 
 # ----------------------------------------------------------------------------

@@ -139,10 +139,10 @@ class ResBlock(nnx.Module):
 
     def __call__(self, x: Array, time_embedding: Array, rngs: nnx.Rngs | None = None) -> Array:
         """x (B, H, W, in_features), time_embedding (B, time_features) -> (B, H, W, features)."""
-        h = self.conv1(nnx.silu(self.norm1(x)))
+        h = self.conv1(self.norm1.silu(x))
         scale, shift = jnp.split(self.time_proj(nnx.silu(time_embedding)), 2, axis=-1)
-        h = self.norm2(h) * (1.0 + scale[:, None, None, :]) + shift[:, None, None, :]
-        h = self.conv2(self.dropout(nnx.silu(h), rngs=rngs))
+        # SiLU(norm2(h) (1 + scale) + shift), one written-out gradient (GroupNorm.silu).
+        h = self.conv2(self.dropout(self.norm2.silu(h, scale, shift), rngs=rngs))
         skip = x if self.shortcut is None else self.shortcut(x)
         return skip.astype(h.dtype) + h
 
@@ -354,7 +354,7 @@ class UNet(nnx.Module):
             if level > 0:
                 h = next(upsamples)(h)
 
-        h = self.out_conv(nnx.silu(self.out_norm(h)))
+        h = self.out_conv(self.out_norm.silu(h))
         return crop_padding(h, pads).astype(jnp.float32)
 
 

@@ -290,3 +290,55 @@ def test_group_norm_bfloat16_and_bad_groups():
     np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(ref, np.float32), atol=3e-2)
     with pytest.raises(ValueError, match="must divide"):
         GroupNorm(10, num_groups=4, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("shape, groups, modulated", [((2, 12, 12, 32), 32, True),
+                                                      ((2, 10, 10, 64), 32, True),
+                                                      ((3, 7, 5, 16), 4, True),
+                                                      ((1, 6, 6, 8), 1, False)])
+def test_group_norm_silu_equals_flax_composition_with_gradients(shape, groups, modulated):
+    """GroupNorm.silu (one written-out gradient) against jax.nn.silu(nnx.GroupNorm(x)
+    * (1 + s) + t): outputs and the gradients of x, scale, bias, s and t."""
+    from lensjax.models.layers import GroupNorm
+
+    batch, channels = shape[0], shape[-1]
+    ours = GroupNorm(channels, num_groups=groups, rngs=nnx.Rngs(0))
+    ref = nnx.GroupNorm(channels, num_groups=groups, epsilon=1e-5, rngs=nnx.Rngs(0))
+    norm_checks.same_random_affine((ours, ref), channels)
+    x, dy = norm_checks.inputs_and_cotangent(shape)
+    film = (0.5 * jax.random.normal(jax.random.key(5), (2, batch, channels)) if modulated
+            else jnp.zeros((2, batch, channels)))
+
+    def run(module, apply):
+        graphdef, params = nnx.split(module, nnx.Param)
+        y, vjp = jax.vjp(lambda p, x, film: apply(nnx.merge(graphdef, p), x, film),
+                         params, x, film)
+        return y, vjp(dy)
+
+    def composition(norm, x, film):
+        return jax.nn.silu(norm(x) * (1.0 + film[0][:, None, None]) + film[1][:, None, None])
+
+    if modulated:
+        y, (p, dx, dfilm) = run(ours, lambda norm, x, film: norm.silu(x, film[0], film[1]))
+    else:
+        y, (p, dx, dfilm) = run(ours, lambda norm, x, film: norm.silu(x))
+    y_ref, (p_ref, dx_ref, dfilm_ref) = run(ref, composition)
+    norm_checks.assert_same_outputs_and_grads((y, (p, dx)), (y_ref, (p_ref, dx_ref)))
+    if modulated:
+        np.testing.assert_allclose(np.asarray(dfilm), np.asarray(dfilm_ref), rtol=1e-4, atol=1e-4)
+    else:
+        assert not np.any(np.asarray(dfilm))
+
+
+def test_group_norm_silu_bfloat16():
+    """In bfloat16 the result has the input's dtype and the composition's values."""
+    from lensjax.models.layers import GroupNorm
+
+    norm = GroupNorm(8, num_groups=4, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(0), (2, 4, 4, 8))
+    scale, shift = jax.random.normal(jax.random.key(1), (2, 2, 8)).astype(jnp.bfloat16)
+    y = norm.silu(x, scale, shift)
+    assert y.dtype == jnp.bfloat16
+    ref = jax.nn.silu(norm(x).astype(jnp.float32) * (1.0 + scale.astype(jnp.float32)[:, None, None])
+                      + shift.astype(jnp.float32)[:, None, None])
+    np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(ref), atol=5e-2)
