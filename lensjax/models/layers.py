@@ -854,29 +854,37 @@ class Conv(nnx.Module):
         self.kernel = nnx.Param(kernel_init(rngs.params(), shape, param_dtype))
         self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype)) if use_bias else None
 
-    def resolved_impl(self, input_size: Sequence[int] | None = None) -> str:
+    def resolved_impl(self, input_size: Sequence[int] | None = None,
+                      kernel_size: Sequence[int] | None = None) -> str:
         """"xla", "patches" or "onednn": what this layer runs on the current default backend
-        for an input of spatial size `input_size` (H, W) (None: decide without the map size)."""
+        for an input of spatial size `input_size` (H, W) (None: decide without the map size),
+        with its kernel or one of `kernel_size` (see `convolve`)."""
         if self.conv_impl == "auto":
             output_size = None if input_size is None else conv_output_size(input_size, self.strides)
-            return choose_conv_impl(self.kernel_size, self.in_features, self.strides, output_size,
+            kernel_size = self.kernel_size if kernel_size is None else tuple(kernel_size)
+            return choose_conv_impl(kernel_size, self.in_features, self.strides, output_size,
                                     dtype=self.dtype)
         return self.conv_impl
 
     def __call__(self, x: Array) -> Array:
         """x (B, H, W, in_features) -> (B, ceil(H/sh), ceil(W/sw), out_features) in `dtype`."""
-        x = x.astype(self.dtype)
-        kernel = self.kernel[...].astype(self.dtype)
-        impl = self.resolved_impl(x.shape[1:3])
-        if impl == "patches":
-            y = conv_patches(x, kernel, self.strides)
-        elif impl == "onednn":
-            y = conv_onednn(x, kernel, self.strides)
-        else:
-            y = conv_xla(x, kernel, self.strides)
+        y = self.convolve(x, self.kernel[...])
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y
+
+    def convolve(self, x: Array, kernel: Array) -> Array:
+        """SAME convolution of x (B, H, W, in_features) with `kernel` (kh, kw, in_features,
+        n) by this layer's strides, dtype and implementation rule; no bias. For layers
+        that compute with a kernel derived from their own (`SubpixelUpsample`)."""
+        x = x.astype(self.dtype)
+        kernel = kernel.astype(self.dtype)
+        impl = self.resolved_impl(x.shape[1:3], kernel.shape[:2])
+        if impl == "patches":
+            return conv_patches(x, kernel, self.strides)
+        if impl == "onednn":
+            return conv_onednn(x, kernel, self.strides)
+        return conv_xla(x, kernel, self.strides)
 
 
 def set_conv_impl(model: nnx.Module, conv_impl: str) -> nnx.Module:

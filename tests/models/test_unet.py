@@ -342,3 +342,33 @@ def test_group_norm_silu_bfloat16():
     ref = jax.nn.silu(norm(x).astype(jnp.float32) * (1.0 + scale.astype(jnp.float32)[:, None, None])
                       + shift.astype(jnp.float32)[:, None, None])
     np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(ref), atol=5e-2)
+
+
+@pytest.mark.parametrize("conv_impl", ["auto", "xla", "patches"])
+@pytest.mark.parametrize("shape, features", [((2, 5, 7, 3), 4), ((1, 6, 6, 8), 8)])
+def test_upsample_conv_equals_conv_of_repeated_image(conv_impl, shape, features):
+    """upsample_conv (2 x 2 phase kernels on the input grid) against the 3 x 3
+    convolution of the nearest-neighbour x2 image: values and the gradients of x,
+    kernel and bias, on odd and even sizes."""
+    from lensjax.models.unet import Conv, upsample_conv
+
+    conv = Conv(shape[-1], features, 3, use_bias=True, conv_impl=conv_impl, rngs=nnx.Rngs(0))
+    conv.bias[...] = jax.random.normal(jax.random.key(3), (features,))
+    graphdef, params = nnx.split(conv, nnx.Param)
+    x = jax.random.normal(jax.random.key(1), shape)
+    dy = jax.random.normal(jax.random.key(2), (shape[0], 2 * shape[1], 2 * shape[2], features))
+
+    def reference(conv, x):
+        return conv(jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2))
+
+    results = []
+    for fn in (upsample_conv, lambda x, conv: reference(conv, x)):
+        y, vjp = jax.vjp(lambda p, x: fn(x, nnx.merge(graphdef, p)), params, x)
+        results.append((y, *vjp(dy)))
+    (y, dp, dx), (y_ref, dp_ref, dx_ref) = results
+    assert y.shape == y_ref.shape
+    np.testing.assert_allclose(np.asarray(y), np.asarray(y_ref), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(dx), np.asarray(dx_ref), rtol=1e-4, atol=1e-4)
+    for name in ("kernel", "bias"):
+        np.testing.assert_allclose(np.asarray(dp[name][...]), np.asarray(dp_ref[name][...]),
+                                   rtol=1e-4, atol=1e-4, err_msg=name)
