@@ -585,25 +585,41 @@ def _group_norm_fwd(x, scale, bias, groups, epsilon):
     return (x * gain + shift).astype(x.dtype), (x, mean, inv_std, scale)
 
 
-def _group_norm_bwd(groups, epsilon, residuals, dy):
-    """With x_hat = (x - mean) inv_std and g = dy scale, per group:
-    dx = inv_std (g - mean(g) - x_hat mean(g x_hat)); dscale = sum(dy x_hat), dbias = sum(dy)."""
-    x, mean, inv_std, scale = residuals
+def _group_norm_grads(dz, x, mean, inv_std, scale, groups, modulation=None):
+    """Gradients through z = GroupNorm(x) * modulation (per image and channel) for the
+    cotangent dz (B, H, W, C), given the forward pass's group mean and inv_std (B, G).
+
+    With x_hat = (x - mean) inv_std, dy = dz modulation and g = dy scale, per group:
+    dx = inv_std (g - mean(g) - x_hat mean(g x_hat)); dscale = sum(dy x_hat), dbias =
+    sum(dy). Two reductions per (image, channel) and one elementwise pass. Returns
+    (dx float32 like x, dscale (C,), dbias (C,), sum(dz) (B, C), sum(dz x_hat) (B, C)).
+    """
     batch, height, width, channels = x.shape
     size = channels // groups
-    dy32 = dy.astype(jnp.float32).reshape(batch, height * width, channels)
-    sum_dy = jnp.sum(dy32, axis=1)                                   # (B, C)
-    sum_dy_x = jnp.sum(dy32 * x.astype(jnp.float32).reshape(dy32.shape), axis=1)
+    dz32, x32 = dz.astype(jnp.float32), x.astype(jnp.float32)
+    flat = (batch, height * width, channels)
+    sum_dz = jnp.sum(dz32.reshape(flat), axis=1)                            # (B, C)
+    sum_dz_x = jnp.sum((dz32 * x32).reshape(flat), axis=1)
     mean_c, inv_c = (jnp.repeat(v, size, axis=1) for v in (mean, inv_std))
-    sum_dy_xhat = (sum_dy_x - mean_c * sum_dy) * inv_c               # (B, C)
+    sum_dz_xhat = (sum_dz_x - mean_c * sum_dz) * inv_c                      # (B, C)
+    if modulation is None:
+        sum_dy, sum_dy_xhat, gain = sum_dz, sum_dz_xhat, scale
+    else:
+        sum_dy, sum_dy_xhat = sum_dz * modulation, sum_dz_xhat * modulation
+        gain = scale * modulation[:, None, None, :]
     count = height * width * size
     mean_g = _group_sums(sum_dy * scale, groups) / count
     mean_g_xhat = _group_sums(sum_dy_xhat * scale, groups) / count
     inv, m_g, m_gx, mu = (_per_channel(v, channels) for v in (inv_std, mean_g, mean_g_xhat, mean))
-    # dx = dy * (inv scale) + x * (-inv^2 m_gx) + (inv^2 m_gx mu - inv m_g), one pass.
-    dx = dy * (inv * scale) - x * (inv * inv * m_gx) + (inv * inv * m_gx * mu - inv * m_g)
-    return (dx.astype(x.dtype), jnp.sum(sum_dy_xhat, 0).astype(scale.dtype),
-            jnp.sum(sum_dy, 0).astype(scale.dtype))
+    # dx = dz * (inv gain) + x * (-inv^2 m_gx) + (inv^2 m_gx mu - inv m_g), one pass.
+    dx = dz32 * (inv * gain) - x32 * (inv * inv * m_gx) + (inv * inv * m_gx * mu - inv * m_g)
+    return dx, jnp.sum(sum_dy_xhat, 0), jnp.sum(sum_dy, 0), sum_dz, sum_dz_xhat
+
+
+def _group_norm_bwd(groups, epsilon, residuals, dy):
+    x, mean, inv_std, scale = residuals
+    dx, dscale, dbias = _group_norm_grads(dy, x, mean, inv_std, scale, groups)[:3]
+    return dx.astype(x.dtype), dscale.astype(scale.dtype), dbias.astype(scale.dtype)
 
 
 group_norm.defvjp(_group_norm_fwd, _group_norm_bwd)
@@ -625,21 +641,20 @@ def group_norm_silu(x: Array, scale: Array, bias: Array, film_scale: Array, film
     return _group_norm_silu_fwd(x, scale, bias, film_scale, film_shift, groups, epsilon)[0]
 
 
-def _modulated_affine(x, scale, bias, film_scale, film_shift, groups, epsilon):
-    """Per-(image, channel) gain and offset (B, 1, 1, C) of z = x * gain + offset, with
-    the group statistics mean, inv_std (B, G)."""
-    channels = x.shape[-1]
-    mean, var = _group_stats(x, groups)
-    inv_std = lax.rsqrt(var + epsilon)
+def _modulated_affine(mean, inv_std, scale, bias, film_scale, film_shift):
+    """Per-(image, channel) gain and offset (B, 1, 1, C) of z = x gain + offset =
+    GroupNorm(x) (1 + film_scale) + film_shift, from the group statistics (B, G)."""
+    channels = scale.shape[-1]
     modulation = (1.0 + film_scale)[:, None, None, :]
     gain = _per_channel(inv_std, channels) * scale
     offset = (bias - _per_channel(mean, channels) * gain) * modulation + film_shift[:, None, None, :]
-    return gain * modulation, offset, mean, inv_std
+    return gain * modulation, offset
 
 
 def _group_norm_silu_fwd(x, scale, bias, film_scale, film_shift, groups, epsilon):
-    gain, offset, mean, inv_std = _modulated_affine(x, scale, bias, film_scale, film_shift,
-                                                    groups, epsilon)
+    mean, var = _group_stats(x, groups)
+    inv_std = lax.rsqrt(var + epsilon)
+    gain, offset = _modulated_affine(mean, inv_std, scale, bias, film_scale, film_shift)
     z = x.astype(jnp.float32) * gain + offset
     return (z * jax.nn.sigmoid(z)).astype(x.dtype), (x, mean, inv_std, scale, bias, film_scale,
                                                       film_shift)
@@ -647,36 +662,19 @@ def _group_norm_silu_fwd(x, scale, bias, film_scale, film_shift, groups, epsilon
 
 def _group_norm_silu_bwd(groups, epsilon, residuals, d_out):
     """With z = y (1 + s) + t, y = x_hat scale + bias and dz = d_out SiLU'(z), per image
-    and channel: dt = sum(dz), ds = sum(dz y); the GroupNorm's own gradient then has
-    dy = dz (1 + s), whose per-channel sums are (1 + s) times those of dz."""
+    and channel: dt = sum(dz), ds = sum(dz y) = scale sum(dz x_hat) + bias sum(dz);
+    the GroupNorm's own gradient is `_group_norm_grads` with modulation 1 + s. z and
+    its sigmoid are recomputed from x and the stored statistics."""
     x, mean, inv_std, scale, bias, film_scale, film_shift = residuals
-    batch, height, width, channels = x.shape
-    size = channels // groups
-    x32 = x.astype(jnp.float32)
-    gain, offset = (v for v in _modulated_affine(x, scale, bias, film_scale, film_shift,
-                                                 groups, epsilon)[:2])
-    z = x32 * gain + offset
+    gain, offset = _modulated_affine(mean, inv_std, scale, bias, film_scale, film_shift)
+    z = x.astype(jnp.float32) * gain + offset
     sig = jax.nn.sigmoid(z)
     dz = d_out.astype(jnp.float32) * sig * (1.0 + z * (1.0 - sig))
-    flat = (batch, height * width, channels)
-    sum_dz = jnp.sum(dz.reshape(flat), axis=1)                               # (B, C)
-    sum_dz_x = jnp.sum((dz * x32).reshape(flat), axis=1)
-    mean_c, inv_c = (jnp.repeat(v, size, axis=1) for v in (mean, inv_std))
-    sum_dz_xhat = (sum_dz_x - mean_c * sum_dz) * inv_c                       # (B, C)
-    d_film_shift = sum_dz
+    dx, dscale, dbias, sum_dz, sum_dz_xhat = _group_norm_grads(dz, x, mean, inv_std, scale, groups,
+                                                               1.0 + film_scale)
     d_film_scale = sum_dz_xhat * scale + sum_dz * bias
-    modulation = 1.0 + film_scale
-    sum_dy, sum_dy_xhat = sum_dz * modulation, sum_dz_xhat * modulation
-    count = height * width * size
-    mean_g = _group_sums(sum_dy * scale, groups) / count
-    mean_g_xhat = _group_sums(sum_dy_xhat * scale, groups) / count
-    inv, m_g, m_gx, mu = (_per_channel(v, channels) for v in (inv_std, mean_g, mean_g_xhat, mean))
-    # dx = dz * (inv scale (1 + s)) + x * (-inv^2 m_gx) + (inv^2 m_gx mu - inv m_g), one pass.
-    dx = (dz * (inv * scale * modulation[:, None, None, :]) - x32 * (inv * inv * m_gx)
-          + (inv * inv * m_gx * mu - inv * m_g))
-    return (dx.astype(x.dtype), jnp.sum(sum_dy_xhat, 0).astype(scale.dtype),
-            jnp.sum(sum_dy, 0).astype(bias.dtype), d_film_scale.astype(film_scale.dtype),
-            d_film_shift.astype(film_shift.dtype))
+    return (dx.astype(x.dtype), dscale.astype(scale.dtype), dbias.astype(bias.dtype),
+            d_film_scale.astype(film_scale.dtype), sum_dz.astype(film_shift.dtype))
 
 
 group_norm_silu.defvjp(_group_norm_silu_fwd, _group_norm_silu_bwd)
