@@ -223,11 +223,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # The 3 x 3, stride-1 convolutions of bench_train.py's unet_150 step (batch 2):
-# (layers with this shape, map size, cin, cout), read from its compiled program.
-UNET_150_CONVS = ((7, 152, 32, 32), (2, 152, 64, 32), (1, 152, 64, 64), (1, 152, 96, 32),
-                  (7, 76, 64, 64), (2, 76, 128, 64), (1, 76, 32, 64), (1, 76, 96, 64),
-                  (7, 38, 64, 64), (1, 38, 128, 128), (2, 38, 128, 64), (1, 38, 192, 64),
-                  (10, 19, 128, 128), (1, 19, 192, 128), (2, 19, 256, 128), (1, 19, 64, 128))
+# (layers with this shape, map size, cin, cout, upsampling), read from its program.
+# An upsampling layer's 3 x 3 convolution runs on the upsampled map in PyTorch and,
+# in lensjax (`unet.upsample_conv`), as a 2 x 2 convolution with 4 x cout outputs on
+# the input map, padded by one row and column (size / 2 + 1).
+UNET_150_CONVS = ((7, 152, 32, 32, False), (2, 152, 64, 32, False), (1, 152, 64, 64, True),
+                  (1, 152, 96, 32, False), (6, 76, 64, 64, False), (1, 76, 64, 64, True),
+                  (2, 76, 128, 64, False), (1, 76, 32, 64, False), (1, 76, 96, 64, False),
+                  (7, 38, 64, 64, False), (1, 38, 128, 128, True), (2, 38, 128, 64, False),
+                  (1, 38, 192, 64, False), (10, 19, 128, 128, False), (1, 19, 192, 128, False),
+                  (2, 19, 256, 128, False), (1, 19, 64, 128, False))
 
 
 def time_unet_weight_grads(torch, repeats: int, batch: int = 2) -> None:
@@ -236,12 +241,14 @@ def time_unet_weight_grads(torch, repeats: int, batch: int = 2) -> None:
     from lensjax.models import layers
 
     print(f"\nweight gradients of the unet_150 step's 3 x 3 convolutions, batch {batch} "
-          f"(ms, best of {repeats})")
+          f"(ms, best of {repeats}; upsampling layers: lensjax's 2 x 2 phase convolution)")
     totals = np.zeros(2)
-    for count, size, cin, cout in UNET_150_CONVS:
-        x = jax.random.normal(jax.random.key(0), (batch, size, size, cin))
-        dy = jax.random.normal(jax.random.key(1), (batch, size, size, cout))
-        kernel = jnp.zeros((3, 3, cin, cout))
+    for count, size, cin, cout, upsampling in UNET_150_CONVS:
+        # lensjax's convolution: (map size, kernel size, outputs).
+        ours = (size // 2 + 1, 2, 4 * cout) if upsampling else (size, 3, cout)
+        x = jax.random.normal(jax.random.key(0), (batch, ours[0], ours[0], cin))
+        dy = jax.random.normal(jax.random.key(1), (batch, ours[0], ours[0], ours[2]))
+        kernel = jnp.zeros((ours[1], ours[1], cin, ours[2]))
         grad = jax.jit(lambda x, dy, kernel=kernel: layers.weight_grad(x, dy, kernel),
                        compiler_options=compilation.compiler_options())
         x_torch, dy_torch = torch.randn(batch, cin, size, size), torch.randn(batch, cout, size, size)
@@ -249,7 +256,8 @@ def time_unet_weight_grads(torch, repeats: int, batch: int = 2) -> None:
             lambda: jax.block_until_ready(grad(x, dy)),
             lambda: torch.nn.grad.conv2d_weight(x_torch, (cout, cin, 3, 3), dy_torch, padding=1))])
         totals += count * ms
-        print(f"  {count:2d} x {batch}x{size}x{size} {cin:3d}->{cout:<3d}  lensjax {ms[0]:7.2f}  "
+        print(f"  {count:2d} x {batch}x{size}x{size} {cin:3d}->{cout:<3d}"
+              f"{' (upsampling)' if upsampling else '':13s} lensjax {ms[0]:7.2f}  "
               f"PyTorch {ms[1]:7.2f}  lensjax / PyTorch {ms[1] / ms[0]:.2f}x", flush=True)
     print(f"  per step: lensjax {totals[0]:.1f} ms, PyTorch {totals[1]:.1f} ms "
           f"({totals[1] / totals[0]:.2f}x)")
