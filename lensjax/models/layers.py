@@ -874,7 +874,7 @@ class Conv(nnx.Module):
     def convolve(self, x: Array, kernel: Array) -> Array:
         """SAME convolution of x (B, H, W, in_features) with `kernel` (kh, kw, in_features,
         n) by this layer's strides, dtype and implementation rule; no bias. For layers
-        that compute with a kernel derived from their own (`SubpixelUpsample`)."""
+        that compute with a kernel derived from their own (`unet.upsample_conv`)."""
         x = x.astype(self.dtype)
         kernel = kernel.astype(self.dtype)
         impl = self.resolved_impl(x.shape[1:3], kernel.shape[:2])

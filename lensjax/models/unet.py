@@ -212,6 +212,9 @@ def upsample_conv(x: Array, conv: Conv) -> Array:
     multiply-adds per input pixel and output channel, and no upsampled copy of x.
     """
     kernel = conv.kernel[...]
+    if kernel.shape[:2] != (3, 3) or tuple(conv.strides) != (1, 1):
+        raise ValueError(f"upsample_conv needs a 3 x 3 stride-1 Conv, got kernel {kernel.shape[:2]} "
+                         f"and strides {tuple(conv.strides)}")
     cin, cout = kernel.shape[2:]
     batch, height, width, _ = x.shape
     # (tap_h, tap_w, cin, phase_h, phase_w, cout) -> one 2 x 2 kernel with 4 * cout outputs.

@@ -372,3 +372,12 @@ def test_upsample_conv_equals_conv_of_repeated_image(conv_impl, shape, features)
     for name in ("kernel", "bias"):
         np.testing.assert_allclose(np.asarray(dp[name][...]), np.asarray(dp_ref[name][...]),
                                    rtol=1e-4, atol=1e-4, err_msg=name)
+
+
+def test_upsample_conv_rejects_other_kernels():
+    from lensjax.models.unet import Conv, upsample_conv
+
+    x = jnp.zeros((1, 4, 4, 2))
+    for conv in (Conv(2, 2, 1, rngs=nnx.Rngs(0)), Conv(2, 2, 3, 2, rngs=nnx.Rngs(0))):
+        with pytest.raises(ValueError, match="3 x 3 stride-1"):
+            upsample_conv(x, conv)
