@@ -576,12 +576,23 @@ def group_norm(x: Array, scale: Array, bias: Array, groups: int, epsilon: float)
     return _group_norm_fwd(x, scale, bias, groups, epsilon)[0]
 
 
-def _group_norm_fwd(x, scale, bias, groups, epsilon):
-    channels = x.shape[-1]
+def _group_moments(x: Array, groups: int, epsilon: float) -> tuple[Array, Array]:
+    """Group mean and 1 / sqrt(variance + epsilon), (B, G) each, of NHWC x."""
     mean, var = _group_stats(x, groups)
-    inv_std = lax.rsqrt(var + epsilon)
-    gain = _per_channel(inv_std, channels) * scale        # y = x * gain + shift
-    shift = bias - _per_channel(mean, channels) * gain
+    return mean, lax.rsqrt(var + epsilon)
+
+
+def _group_norm_affine(mean, inv_std, scale, bias):
+    """Per-(image, channel) gain and shift (B, 1, 1, C) of GroupNorm(x) = x gain + shift,
+    from the group statistics (B, G) and the parameters (C,)."""
+    channels = scale.shape[-1]
+    gain = _per_channel(inv_std, channels) * scale
+    return gain, bias - _per_channel(mean, channels) * gain
+
+
+def _group_norm_fwd(x, scale, bias, groups, epsilon):
+    mean, inv_std = _group_moments(x, groups, epsilon)
+    gain, shift = _group_norm_affine(mean, inv_std, scale, bias)
     return (x * gain + shift).astype(x.dtype), (x, mean, inv_std, scale)
 
 
@@ -644,16 +655,13 @@ def group_norm_silu(x: Array, scale: Array, bias: Array, film_scale: Array, film
 def _modulated_affine(mean, inv_std, scale, bias, film_scale, film_shift):
     """Per-(image, channel) gain and offset (B, 1, 1, C) of z = x gain + offset =
     GroupNorm(x) (1 + film_scale) + film_shift, from the group statistics (B, G)."""
-    channels = scale.shape[-1]
+    gain, shift = _group_norm_affine(mean, inv_std, scale, bias)
     modulation = (1.0 + film_scale)[:, None, None, :]
-    gain = _per_channel(inv_std, channels) * scale
-    offset = (bias - _per_channel(mean, channels) * gain) * modulation + film_shift[:, None, None, :]
-    return gain * modulation, offset
+    return gain * modulation, shift * modulation + film_shift[:, None, None, :]
 
 
 def _group_norm_silu_fwd(x, scale, bias, film_scale, film_shift, groups, epsilon):
-    mean, var = _group_stats(x, groups)
-    inv_std = lax.rsqrt(var + epsilon)
+    mean, inv_std = _group_moments(x, groups, epsilon)
     gain, offset = _modulated_affine(mean, inv_std, scale, bias, film_scale, film_shift)
     z = x.astype(jnp.float32) * gain + offset
     return (z * jax.nn.sigmoid(z)).astype(x.dtype), (x, mean, inv_std, scale, bias, film_scale,
