@@ -557,10 +557,30 @@ def _group_sums(per_channel: Array, groups: int) -> Array:
     return per_channel.reshape(per_channel.shape[0], groups, -1).sum(-1)
 
 
+def _expand_groups(values: Array, channels: int) -> Array:
+    """(B, G) group values -> (B, C), each channel its group's value.
+
+    On CPU, with several channels per group, as a product with the (G, C) group
+    membership matrix: XLA:CPU fuses a repeat into every element of the (B, H, W, C)
+    pass that broadcasts its result, with a division by the group size in each index
+    that keeps that pass from vectorising (GroupNorm + SiLU forward, 2 x 152 x 152 x
+    96 in 32 groups, one core: 11.7 ms, against 2.5 ms for the same affine map and
+    SiLU on stored coefficients); a dot is computed on its own. Exact: each output
+    is one value times 1 plus zeros.
+    """
+    batch, groups = values.shape
+    size = channels // groups
+    if size == 1:
+        return values
+    if jax.default_backend() != "cpu":
+        return jnp.repeat(values, size, axis=1)
+    membership = (jnp.arange(channels) // size == jnp.arange(groups)[:, None]).astype(values.dtype)
+    return jnp.dot(values, membership, precision=lax.Precision.HIGHEST)
+
+
 def _per_channel(values: Array, channels: int) -> Array:
     """(B, G) group values -> (B, 1, 1, C), each channel its group's value."""
-    batch, groups = values.shape
-    return jnp.repeat(values, channels // groups, axis=1).reshape(batch, 1, 1, channels)
+    return _expand_groups(values, channels).reshape(values.shape[0], 1, 1, channels)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -611,7 +631,7 @@ def _group_norm_grads(dz, x, mean, inv_std, scale, groups, modulation=None):
     flat = (batch, height * width, channels)
     sum_dz = jnp.sum(dz32.reshape(flat), axis=1)                            # (B, C)
     sum_dz_x = jnp.sum((dz32 * x32).reshape(flat), axis=1)
-    mean_c, inv_c = (jnp.repeat(v, size, axis=1) for v in (mean, inv_std))
+    mean_c, inv_c = (_expand_groups(v, channels) for v in (mean, inv_std))
     sum_dz_xhat = (sum_dz_x - mean_c * sum_dz) * inv_c                      # (B, C)
     if modulation is None:
         sum_dy, sum_dy_xhat, gain = sum_dz, sum_dz_xhat, scale

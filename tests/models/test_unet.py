@@ -279,6 +279,20 @@ def test_group_norm_equals_nnx_group_norm_with_gradients(shape, groups):
                                               norm_checks.output_and_param_grads(ref, x, dy))
 
 
+@pytest.mark.parametrize("groups, channels", [(32, 96), (4, 16), (8, 8), (1, 8)])
+def test_group_to_channel_expansion_is_an_exact_repeat(groups, channels):
+    """The group -> channel expansion (a product with the membership matrix on CPU)
+    gives each channel exactly its group's value, across float32's range."""
+    from lensjax.models import layers
+
+    rng = np.random.default_rng(0)
+    values = (rng.standard_normal((3, groups)) * 10.0 ** rng.integers(-30, 30, (3, groups)))
+    values = jnp.asarray(values, jnp.float32)
+    got = jax.jit(layers._expand_groups, static_argnums=1)(values, channels)
+    np.testing.assert_array_equal(np.asarray(got),
+                                  np.repeat(np.asarray(values), channels // groups, axis=1))
+
+
 def test_group_norm_bfloat16_and_bad_groups():
     from lensjax.models.layers import GroupNorm
 
