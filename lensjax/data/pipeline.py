@@ -14,7 +14,6 @@ the example's position in its split (a fixed per-example seed for evaluation).
 from __future__ import annotations
 
 import json
-import os
 import queue
 import threading
 from pathlib import Path
@@ -34,24 +33,6 @@ T = TypeVar("T")
 # Simulated training batches computed ahead of the train step, and the thread doing it.
 PREFETCH_BATCHES = 2
 PREFETCH_THREAD = "lensjax-prefetch"
-# Nice value of the prefetch thread on CPU (Linux: per thread; 0 keeps the
-# process's own). The simulator then runs in the cores' idle time instead of
-# taking a core from the train step's kernels, which wait for their slowest
-# thread (see README, "Input pipeline").
-PREFETCH_NICE = 19
-
-
-def lower_thread_priority(nice: int) -> bool:
-    """Give the calling thread `nice` (Linux, where the nice value is per thread);
-    False where this platform or the process's limits do not allow it."""
-    if nice <= 0 or not hasattr(os, "setpriority") or not hasattr(threading, "get_native_id"):
-        return False
-    try:
-        current = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), max(current, nice))
-    except OSError:
-        return False
-    return True
 _END = object()  # the producer's last item: the source is exhausted
 
 
@@ -150,8 +131,6 @@ def prefetch_in_background(items: Iterator[T], size: int = PREFETCH_BATCHES) -> 
         return False
 
     def produce() -> None:
-        if jax.default_backend() == "cpu":
-            lower_thread_priority(PREFETCH_NICE)
         try:
             for item in items:
                 if not offer(item):

@@ -7,7 +7,6 @@ split.json lists the files; a 2-step training run reads it end to end.
 """
 
 import json
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -233,43 +232,6 @@ def test_prefetch_thread_stops_when_the_consumer_closes():
     batches.close()  # returns once its thread has ended
     assert _prefetch_threads() == before - 1
     assert len(produced) <= 3 + 2 + 1  # consumed, queued, and at most one in hand
-
-
-def _own_nice() -> int:
-    import os
-    import threading
-    return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice values are Linux's")
-def test_prefetch_thread_runs_at_lower_priority_and_leaves_the_consumers_alone():
-    def niceness():
-        while True:
-            yield _own_nice()
-
-    before = _own_nice()
-    batches = pipeline.prefetch_in_background(niceness(), size=2)
-    assert next(batches) == max(before, pipeline.PREFETCH_NICE)
-    batches.close()
-    assert _own_nice() == before  # the consumer's thread keeps its priority
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice values are Linux's")
-def test_lower_thread_priority_never_raises_it():
-    import threading
-
-    results = {}
-
-    def work():
-        results["first"] = pipeline.lower_thread_priority(10)
-        results["second"] = pipeline.lower_thread_priority(5)  # 10 stays: lowering only
-        results["nice"] = _own_nice()
-        results["zero"] = pipeline.lower_thread_priority(0)
-
-    thread = threading.Thread(target=work)
-    thread.start()
-    thread.join()
-    assert results == {"first": True, "second": True, "nice": max(10, _own_nice()), "zero": False}
 
 
 @pytest.mark.parametrize("devices", [1, 8])
