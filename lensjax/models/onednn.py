@@ -12,6 +12,12 @@ the XLA:CPU cliff of 2x2 maps (`experiments/benchmarks/bench_kernels.py`).
 oneDNN is not asked for the weight gradient: as a forward convolution its kernel
 would be the whole image, which oneDNN runs with its reference code (seconds).
 
+Inside a jitted train step these calls run on XLA's intra-op pool threads, and
+there they get little from a second core: XLA's oneDNN thread-pool adapter runs the
+first worker on the calling thread and queues the rest without waking an idle pool
+thread (summed over a UNet step's trace, oneDNN convolutions took 584 ms on one
+core and 555 ms on two; README, "Performance").
+
 The matmul is 5-25% faster than XLA:CPU's dots at the ViT-S shapes, and it reads
 a transposed operand in place where XLA copies it first (the weight gradients
 x^T dy of dense layers).
