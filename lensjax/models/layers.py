@@ -641,7 +641,9 @@ def _group_norm_grads(dz, x, mean, inv_std, scale, groups, modulation=None):
     count = height * width * size
     mean_g = _group_sums(sum_dy * scale, groups) / count
     mean_g_xhat = _group_sums(sum_dy_xhat * scale, groups) / count
-    inv, m_g, m_gx, mu = (_per_channel(v, channels) for v in (inv_std, mean_g, mean_g_xhat, mean))
+    # The expanded statistics above serve the elementwise pass too: (B, C) -> (B, 1, 1, C).
+    inv, mu = (v.reshape(batch, 1, 1, channels) for v in (inv_c, mean_c))
+    m_g, m_gx = (_per_channel(v, channels) for v in (mean_g, mean_g_xhat))
     # dx = dz * (inv gain) + x * (-inv^2 m_gx) + (inv^2 m_gx mu - inv m_g), one pass.
     dx = dz32 * (inv * gain) - x32 * (inv * inv * m_gx) + (inv * inv * m_gx * mu - inv * m_g)
     return dx, jnp.sum(sum_dy_xhat, 0), jnp.sum(sum_dy, 0), sum_dz, sum_dz_xhat
