@@ -190,3 +190,163 @@ def _point_masses_reduce(x, y, theta_E_sq, center_x, center_y):
     dy = y[..., None] - center_y
     scale = theta_E_sq / jnp.maximum(dx * dx + dy * dy, _point_mass_min_radius_sq(x.dtype))
     return jnp.sum(scale * dx, axis=-1), jnp.sum(scale * dy, axis=-1)
+
+
+# ----------------------------------------------------------------------------
+# Equal point masses evenly spaced on a segment (the axion vortex)
+# ----------------------------------------------------------------------------
+
+# How `deflection_point_mass_line` sums its masses. "direct": every mass as a
+# `deflection_point_masses` term. "euler_maclaurin": the 2 LINE_WINDOW + 1 masses
+# nearest each pixel directly, the two runs of masses beyond them in closed form
+# (Euler-Maclaurin, below). "auto": "euler_maclaurin" in float32 for more than
+# LINE_DIRECT_MAX_POINTS masses, "direct" otherwise (float64 keeps the plain sum,
+# which is exact to float64 rounding; the closed form is within ~2e-8 of it).
+LINE_SUM = "auto"
+LINE_SUMS = ("auto", "direct", "euler_maclaurin")
+LINE_WINDOW = 4
+# Below this many masses the direct sum is as cheap as the closed form's tails.
+LINE_DIRECT_MAX_POINTS = 32
+
+# Midpoint Euler-Maclaurin weights c_m for the terms c_m (g_Q^m - g_P^m), m = 2, 4, 6, 8:
+# B_m(1/2) / m!  times  (m - 1)!  (the derivative d^(m-1)/dk^(m-1) 1/(z - k) = (m-1)! g^m).
+_EULER_MACLAURIN = ((2, -1.0 / 24.0), (4, 7.0 / 960.0), (6, -31.0 / 8064.0), (8, 127.0 / 30720.0))
+
+
+def line_sum_method(dtype, num_points: int) -> str:
+    """The summation `deflection_point_mass_line` uses: 'direct' or 'euler_maclaurin'."""
+    if LINE_SUM not in LINE_SUMS:
+        raise ValueError(f"LINE_SUM must be one of {LINE_SUMS}, got {LINE_SUM!r}")
+    if num_points <= 2 * LINE_WINDOW + 1:  # the window holds every mass: the sum is direct
+        return "direct"
+    if LINE_SUM != "auto":
+        return LINE_SUM
+    small_float = jnp.finfo(dtype).bits <= 32
+    return "euler_maclaurin" if small_float and num_points > LINE_DIRECT_MAX_POINTS else "direct"
+
+
+def line_mass_offsets(half_length: Array, num_points: int, dtype) -> Array:
+    """Positions (N,) of the masses along the segment: linspace(-1, 1, N) * half_length."""
+    return jnp.linspace(-1.0, 1.0, num_points, dtype=dtype) * half_length
+
+
+def deflection_point_mass_line(x: Array, y: Array, theta_E: Array, center_x: Array,
+                               center_y: Array, angle: Array, half_length: Array,
+                               num_points: int) -> tuple[Array, Array]:
+    """N equal point masses evenly spaced on a segment: the sum of `deflection_point_mass`.
+
+    Mass k = 0 .. N-1 sits at (center_x, center_y) + t_k (cos angle, sin angle), with
+    t = `line_mass_offsets` = linspace(-1, 1, N) * half_length, and has Einstein radius
+    theta_E. x, y: any shape P; theta_E, center_x, center_y, angle (rad) and
+    half_length (arcsec, > 0): scalars (jax.vmap for one segment per image);
+    num_points: a static int >= 2. Returns (alpha_x, alpha_y) of shape P.
+
+    In float32 with many masses (`line_sum_method`) the sum is not taken term by
+    term: along the segment the masses are a regular comb, so in units of the
+    spacing h, with the pixel at z = a + i b (a along the segment from mass 0, b
+    across it), the complex deflection is theta_E^2 / h times the conjugate of
+    F(z) = sum_k 1 / (z - k). The LINE_WINDOW masses on each side of the nearest
+    one are summed directly; each run of masses beyond them, k = A .. B, is
+    log((z - A + 1/2) / (z - B - 1/2)) plus four midpoint Euler-Maclaurin
+    corrections, whose error falls as (distance in spacings)^-10. It agrees
+    with the direct sum to 1e-7 of the largest deflection (float64 check in
+    tests/sim/test_profiles.py; float32 rounding is larger), and 64 model_ii axion
+    images take 3.6 instead of 6.2 ms on one CPU core.
+    """
+    domain.check_positive("half_length", half_length)
+    domain.check_nonnegative("theta_E", theta_E)
+    if not isinstance(num_points, int) or num_points < 2:
+        raise ValueError(f"num_points must be an int >= 2, got {num_points!r}")
+    dtype = jnp.result_type(x)
+    cos, sin = jnp.cos(angle).astype(dtype), jnp.sin(angle).astype(dtype)
+    if line_sum_method(dtype, num_points) == "direct":
+        offsets = line_mass_offsets(jnp.asarray(half_length, dtype), num_points, dtype)
+        return deflection_point_masses(x, y, jnp.full((num_points,), theta_E, dtype),
+                                       center_x + offsets * cos, center_y + offsets * sin)
+    dx, dy = x - center_x, y - center_y
+    spacing = 2.0 * half_length / (num_points - 1)
+    a = (dx * cos + dy * sin + half_length) / spacing  # along, mass k at a = k
+    b = (dy * cos - dx * sin) / spacing                 # across
+    f_re, f_im = _comb_sum(a, b, num_points)
+    scale = jnp.square(theta_E) / spacing
+    along, across = scale * f_re, -scale * f_im
+    # One complex output, materialised: as two outputs XLA puts every shared
+    # division in a pass of its own (27 passes over the image instead of 1), and
+    # without the barrier it would copy this long fusion into each consumer.
+    alpha = jax.lax.optimization_barrier(
+        jax.lax.complex(along * cos - across * sin, along * sin + across * cos))
+    return jnp.real(alpha), jnp.imag(alpha)
+
+
+def _comb_sum(a: Array, b: Array, n: int) -> tuple[Array, Array]:
+    """(Re, Im) of sum_{k=0}^{n-1} 1 / (a + i b - k), near masses direct, the rest in closed form."""
+    w = LINE_WINDOW
+    # The window [k0 - w, k0 + w] around the nearest mass, kept inside [0, n - 1].
+    k0 = jnp.clip(jnp.round(a), w, n - 1 - w)
+    offset = a - k0
+    tiny = jnp.finfo(a.dtype).tiny
+    b2 = b * b
+    sum_re = sum_inv = 0.0
+    for j in range(-w, w + 1):
+        u = offset - j
+        inv = 1.0 / jnp.maximum(u * u + b2, tiny)
+        sum_re = sum_re + u * inv
+        sum_inv = sum_inv + inv
+    left_re, left_im = _comb_run(a, b, -0.5, k0 - (w + 0.5))
+    right_re, right_im = _comb_run(a, b, k0 + (w + 0.5), n - 0.5)
+    return sum_re + left_re + right_re, -b * sum_inv + left_im + right_im
+
+
+def _comb_run(a: Array, b: Array, p, q) -> tuple[Array, Array]:
+    """(Re, Im) of sum over the masses k in (p, q) (p, q half-integers) of 1 / (a + i b - k).
+
+    Zero exactly when p == q. The pixel lies outside [p, q] along the segment, so
+    (z - p) / (z - q) has a positive real part and its argument is an arctangent.
+    """
+    gp = _reciprocal(a - p, b)
+    gq = _reciprocal(a - q, b)
+    # log((z - p) / (z - q)) = log(1 + e), e = (q - p) / (z - q): accurate for small e.
+    e_re, e_im = (q - p) * gq[0], (q - p) * gq[1]
+    re = 0.5 * jnp.log1p(e_re * (2.0 + e_re) + e_im * e_im)
+    im = _arctan(e_im / (1.0 + e_re))
+    powers_p, powers_q = {1: gp}, {1: gq}
+    for powers in (powers_p, powers_q):
+        powers[2] = _multiply(powers[1], powers[1])
+        powers[4] = _multiply(powers[2], powers[2])
+        powers[6] = _multiply(powers[4], powers[2])
+        powers[8] = _multiply(powers[4], powers[4])
+    for m, weight in _EULER_MACLAURIN:
+        re = re + weight * (powers_q[m][0] - powers_p[m][0])
+        im = im + weight * (powers_q[m][1] - powers_p[m][1])
+    return re, im
+
+
+def _reciprocal(re: Array, im: Array) -> tuple[Array, Array]:
+    """1 / (re + i im); 0 at 0 (as the point-mass floor gives)."""
+    inv = 1.0 / jnp.maximum(re * re + im * im, jnp.finfo(re.dtype).tiny)
+    return re * inv, -im * inv
+
+
+def _multiply(u: tuple[Array, Array], v: tuple[Array, Array]) -> tuple[Array, Array]:
+    return u[0] * v[0] - u[1] * v[1], u[0] * v[1] + u[1] * v[0]
+
+
+def _arctan(t: Array) -> Array:
+    """arctan(t): in float32 (Cephes atanf) in ops XLA:CPU vectorises; jnp.arctan in float64.
+
+    XLA:CPU's own atan / atan2 cost ~6-15 ns per element here (they are not
+    vectorised); this reduction + polynomial is a few plain operations and one
+    division. Within 3 ulp of numpy in float32 (tests/sim/test_profiles.py).
+    """
+    if jnp.finfo(t.dtype).bits > 32:
+        return jnp.arctan(t)
+    s = jnp.abs(t)
+    big = s > 2.414213562373095    # tan(3 pi / 8)
+    mid = s > 0.4142135623730950   # tan(pi / 8)
+    numerator = jnp.where(big, -1.0, jnp.where(mid, s - 1.0, s))
+    denominator = jnp.where(big, s, jnp.where(mid, s + 1.0, 1.0))
+    r = numerator / denominator
+    base = jnp.where(big, 0.5 * jnp.pi, jnp.where(mid, 0.25 * jnp.pi, 0.0)).astype(t.dtype)
+    z = r * r
+    poly = ((8.05374449538e-2 * z - 1.38776856032e-1) * z + 1.99777106478e-1) * z - 3.33329491539e-1
+    return jnp.copysign(base + r + r * z * poly, t)

@@ -365,6 +365,18 @@ def _deflect(x: Array, y: Array, terms: list[tuple[Array, Array]]) -> tuple[Arra
     return x - ax, y - ay
 
 
+def _traces_class(cls: int, label: Array, static_label: int | None) -> bool:
+    """Whether a render traces class `cls`'s substructure: always with a traced label."""
+    return static_label is None or static_label == cls
+
+
+def _only_for_class(cls: int, label: Array, static_label: int | None, theta_e: Array) -> Array:
+    """theta_E of class `cls`'s substructure, zeroed (no deflection) for other labels."""
+    if static_label is not None:
+        return theta_e
+    return jnp.where(label == cls, theta_e, jnp.zeros_like(theta_e))
+
+
 def _add_point_masses(terms, x, y, masses):
     theta_e, mx, my = masses
     if theta_e.shape[0]:
@@ -481,19 +493,20 @@ class DeepLenseSimRecipe(Preset):
         return theta_e, x, y, mass.astype(dtype)
 
     def _vortex(self, key: Array, dtype) -> tuple[Array, Array, Array, Array, Array]:
-        """(theta_E, x, y, mass) of the axion vortex points, each (K,), and the axion mass (eV)."""
+        """(theta_E of one point, angle, half-length, point mass, axion mass in eV) of the vortex.
+
+        The vortex is `vortex_num_points` equal point masses at
+        profiles.line_mass_offsets(half_length) along the direction `angle`.
+        """
         k_mass, k_phi = jax.random.split(key)
-        n = self.vortex_num_points
         log_m = _uniform(k_mass, *self.log10_axion_mass_range, jnp.float32)
         axion_mass = 10.0**log_m
         # 0.06 / (2 m / 1e-22) arcsec: 3" at 1e-24 eV, 0.03" at 1e-22 eV.
         half_length = (0.03 * 10.0 ** (-22.0 - log_m)).astype(dtype)
         angle = _uniform(k_phi, 0.0, 2.0 * math.pi, dtype)
-        along = jnp.linspace(-1.0, 1.0, n, dtype=dtype) * half_length
-        point_mass = self.vortex_mass / n
-        theta_e = jnp.full((n,), self._theta_e(point_mass), dtype)
-        mass = jnp.full((n,), point_mass, dtype)
-        return theta_e, along * jnp.cos(angle), along * jnp.sin(angle), mass, axion_mass.astype(dtype)
+        point_mass = self.vortex_mass / self.vortex_num_points
+        theta_e = jnp.asarray(self._theta_e(point_mass), dtype)
+        return theta_e, angle, half_length, jnp.asarray(point_mass, dtype), axion_mass.astype(dtype)
 
     # -- one example ------------------------------------------------------------
     def render(self, key, label, static_label):
@@ -501,14 +514,16 @@ class DeepLenseSimRecipe(Preset):
         k_src, k_cdm, k_vort, k_exp = jax.random.split(key, 4)
         src_x, src_y = _uniform(k_src, -self.source_center_max, self.source_center_max, dtype, (2,))
         cdm_te, cdm_x, cdm_y, cdm_m = self._cdm_subhalos(k_cdm, dtype)
-        vort_te, vort_x, vort_y, vort_m, axion_mass = self._vortex(k_vort, dtype)
+        vort_te, vort_angle, vort_half, vort_m, axion_mass = self._vortex(k_vort, dtype)
+        n = self.vortex_num_points
+        along = profiles.line_mass_offsets(vort_half, n, dtype)
+        vort_points = (jnp.full((n,), vort_te), along * jnp.cos(vort_angle), along * jnp.sin(vort_angle))
         cdm, axion = self.class_names.index("cdm"), self.class_names.index("axion")
-        masses, padded = _select_masses(
-            label, static_label,
-            {cdm: (cdm_te, cdm_x, cdm_y), axion: (vort_te, vort_x, vort_y)},
-            self.max_point_masses)
+        # The masses as lists padded to max_point_masses, for the params only.
+        _, padded = _select_masses(label, static_label, {cdm: (cdm_te, cdm_x, cdm_y), axion: vort_points},
+                                   self.max_point_masses)
         mass_msun, _ = _select_masses(
-            label, None, {cdm: (cdm_m, cdm_m, cdm_m), axion: (vort_m, vort_m, vort_m)},
+            label, None, {cdm: (cdm_m, cdm_m, cdm_m), axion: (jnp.full((n,), vort_m),) * 3},
             self.max_point_masses)
 
         x, y = instrument.pixel_coordinates(self.num_pix, self.pixel_scale, dtype=dtype)
@@ -518,7 +533,15 @@ class DeepLenseSimRecipe(Preset):
                 profiles.deflection_sie(x, y, self.main_theta_e, self.lens_e1, self.lens_e2),
                 profiles.deflection_shear(x, y, self.shear_gamma1, self.shear_gamma2),
             ]
-        _add_point_masses(terms, x, y, masses)
+        if _traces_class(cdm, label, static_label):
+            terms.append(profiles.deflection_point_masses(
+                x, y, _only_for_class(cdm, label, static_label, cdm_te), cdm_x, cdm_y))
+        if _traces_class(axion, label, static_label):
+            # The vortex's masses are a regular comb: summed in closed form beyond the
+            # nearest few (profiles.deflection_point_mass_line), not term by term.
+            terms.append(profiles.deflection_point_mass_line(
+                x, y, _only_for_class(axion, label, static_label, vort_te), 0.0, 0.0,
+                vort_angle, vort_half, n))
         bx, by = _deflect(x, y, terms)
         surface = light.sersic_ellipse(bx, by, self.source_amplitude, self.source_r_sersic,
                                        self.source_n_sersic, self.source_e1, self.source_e2,
