@@ -9,6 +9,8 @@ alternates `--rounds` lensjax and lenstronomy windows and compares the medians.
 
     make bench                                   # full table (model_i 150 px, model_ii 64 px)
     python experiments/benchmarks/bench_sim.py --skip-lenstronomy --batch-size 4096   # GPU box
+    python experiments/benchmarks/bench_sim.py --cases model_ii:axion --line-sum direct
+        # the axion vortex summed term by term (profiles.LINE_SUM), for comparison
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
-from lensjax.sim import get_preset, instrument  # noqa: E402
+from lensjax.sim import get_preset, instrument, profiles  # noqa: E402
 from lensjax.sim.recipes import DeepLenseSimRecipe  # noqa: E402
 
 
@@ -164,7 +166,11 @@ def main(argv=None) -> int:
     parser.add_argument("--cases", default="all",
                         help="comma list like model_i:cdm,model_ii:no_sub (default all)")
     parser.add_argument("--json", default=None, help="also write the table to this JSON file")
+    parser.add_argument("--line-sum", default=profiles.LINE_SUM, choices=profiles.LINE_SUMS,
+                        help="how the axion vortex's point masses are summed (profiles.LINE_SUM; "
+                             "default %(default)s)")
     args = parser.parse_args(argv)
+    profiles.LINE_SUM = args.line_sum  # read when the simulator is traced
 
     cases = CASES if args.cases == "all" else tuple(
         tuple(c.split(":")) for c in args.cases.split(","))
@@ -179,7 +185,7 @@ def main(argv=None) -> int:
           f"{device.device_kind} x{jax.device_count()} | {platform.processor() or platform.machine()} "
           f"{os.cpu_count()} cores | batch {args.batch_size} | {args.rounds} rounds of "
           f"{args.seconds / args.rounds:.1f} s per side, medians | "
-          f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+          f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r} | line sum {args.line_sum}")
     header = f"{'preset':<9} {'class':<7} {'px':>4} {'lensjax img/s':>14} {'lenstronomy img/s':>18} {'ratio':>7}"
     print(header)
     print("-" * len(header))
