@@ -201,7 +201,8 @@ def _point_masses_reduce(x, y, theta_E_sq, center_x, center_y):
 # nearest each pixel directly, the two runs of masses beyond them in closed form
 # (Euler-Maclaurin, below). "auto": "euler_maclaurin" in float32 for more than
 # LINE_DIRECT_MAX_POINTS masses, "direct" otherwise (float64 keeps the plain sum,
-# which is exact to float64 rounding; the closed form is within ~2e-8 of it).
+# which is exact to float64 rounding; the closed form is within 1e-7 of its
+# largest deflection).
 LINE_SUM = "auto"
 LINE_SUMS = ("auto", "direct", "euler_maclaurin")
 LINE_WINDOW = 4
@@ -270,12 +271,10 @@ def deflection_point_mass_line(x: Array, y: Array, theta_E: Array, center_x: Arr
     f_re, f_im = _comb_sum(a, b, num_points)
     scale = jnp.square(theta_E) / spacing
     along, across = scale * f_re, -scale * f_im
-    # One complex output, materialised: as two outputs XLA puts every shared
-    # division in a pass of its own (27 passes over the image instead of 1), and
-    # without the barrier it would copy this long fusion into each consumer.
-    alpha = jax.lax.optimization_barrier(
-        jax.lax.complex(along * cos - across * sin, along * sin + across * cos))
-    return jnp.real(alpha), jnp.imag(alpha)
+    # Materialised, as the unrolled point-mass sum is: without the barrier XLA
+    # copies this long computation into each consumer (64 model_ii axion images on
+    # one core: 4.4 ms without, 3.6 ms with).
+    return jax.lax.optimization_barrier((along * cos - across * sin, along * sin + across * cos))
 
 
 def _comb_sum(a: Array, b: Array, n: int) -> tuple[Array, Array]:
