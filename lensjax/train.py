@@ -136,7 +136,8 @@ def init_state(config: ml_collections.ConfigDict, task, tx=None, *, abstract: bo
     config unless `tx` is given).
 
     The state is initialised inside one jit: built eagerly, every parameter's
-    initialiser would compile on its own (tens of seconds on a CPU for a UNet).
+    initialiser would compile on its own (tens of seconds on a CPU for a UNet). That
+    jit is `compilation.jit_once`: it runs once, so it is compiled for a short compile.
     abstract=True returns jax.ShapeDtypeStructs instead (a restore target, no compute).
     """
     def build() -> nnx.Module:
@@ -156,7 +157,7 @@ def init_state(config: ml_collections.ConfigDict, task, tx=None, *, abstract: bo
             state["ema_params"] = jax.tree.map(jnp.copy, params)
         return state
 
-    state = jax.eval_shape(initial_state) if abstract else jax.jit(initial_state)()
+    state = jax.eval_shape(initial_state) if abstract else compilation.jit_once(initial_state)()
     return graphdef, state, tx
 
 

@@ -65,3 +65,49 @@ def test_convolutions_leave_ynnpack_and_keep_their_values_and_gradients():
     np.testing.assert_allclose(value, ref_value, rtol=1e-5)
     for got, want in zip(grads, ref_grads):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(want))))
+
+
+def test_one_shot_options_only_on_cpu_and_a_users_level_is_kept(monkeypatch):
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    option = compilation.OPTIMIZATION_LEVEL_OPTION
+    assert compilation.one_shot_compiler_options("cpu") == {
+        option: compilation.ONE_SHOT_OPTIMIZATION_LEVEL}
+    assert compilation.one_shot_compiler_options("gpu") == {}
+    monkeypatch.setenv("XLA_FLAGS", f"--{option}=2")
+    assert compilation.one_shot_compiler_options("cpu") == {}
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="an XLA:CPU option")
+@pytest.mark.parametrize("name,kwargs", [
+    ("resnet18", dict(num_classes=3, width=4, image_size=32)),
+    ("mae", dict(variant="S", width=32, depth=1, num_heads=2, patch_size=8, image_size=32,
+                 decoder_width=32, decoder_depth=1, decoder_heads=2)),
+])
+def test_initialisers_give_the_same_bits_at_the_one_shot_level(monkeypatch, name, kwargs):
+    # jit_once is only a compile-time saving if the initial parameters are unchanged:
+    # truncated normals (erf_inv) and threefry, compiled at both levels.
+    from flax import nnx
+    from lensjax.models import get_model
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+
+    def init():
+        return nnx.split(get_model(name, rngs=nnx.Rngs(3), **kwargs), nnx.Param, ...)[1:]
+
+    once = jax.tree.leaves(compilation.jit_once(init)())
+    default = jax.tree.leaves(jax.jit(init)())
+    assert len(once) == len(default) > 10
+    for got, want in zip(once, default):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_init_state_compiles_its_program_with_jit_once(monkeypatch):
+    from lensjax import configlib, tasks, train
+    calls = []
+    real = compilation.jit_once
+    monkeypatch.setattr(compilation, "jit_once", lambda fn, **kw: calls.append(fn) or real(fn, **kw))
+    config = configlib.base_config()
+    config.task = "classification"
+    config.data.preset = "common_test"
+    config.model = dict(name="resnet18", kwargs=dict(width=4, image_size=32))
+    _, state, _ = train.init_state(config, tasks.get_task("classification"))
+    assert len(calls) == 1 and int(state["step"]) == 0
