@@ -7,6 +7,13 @@ Restore order on start-up (DESIGN.md): this workdir's latest checkpoint ->
 `config.resume` (another workdir's latest: continue that run) ->
 `config.model_init` (another workdir's best or latest: parameters only, a warm
 start) -> from scratch.
+
+Each array is written by the device that holds its first replica. orbax's default
+on CPU ("replica-parallel" saving) cuts every replicated array into one slice per
+device, and each slice of a new shape is a compiled `jit(slice)`: the first save of
+60 replicated arrays over 8 devices took 20.3 s that way and 0.18 s this way, and
+the first save of a ResNet-18 train state in the tests' 8-device runs about 6 s
+(one-off timings, 2-core CPU). The files are the same orbax layout either way.
 """
 
 from __future__ import annotations
@@ -18,9 +25,35 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from orbax.checkpoint import type_handlers
 
 LATEST_DIR = "checkpoints"
 BEST_DIR = "checkpoints_best"
+
+
+class StateHandler(ocp.StandardCheckpointHandler):
+    """orbax's StandardCheckpointHandler with every array written by the device of its
+    first replica, not cut into per-device slices (see the module docstring)."""
+
+    def __init__(self):
+        super().__init__()
+        arrays = type_handlers.ArrayHandler(use_replica_parallel=False)
+        self._impl = ocp.PyTreeCheckpointHandler(
+            type_handler_registry=type_handlers.create_type_handler_registry((jax.Array, arrays)))
+
+    @classmethod
+    def typestr(cls) -> str:
+        # The handler name each checkpoint's metadata records: the standard one, so that
+        # orbax readers restore lensjax checkpoints without knowing this class.
+        return ocp.StandardCheckpointHandler.typestr()
+
+
+def _handler_registry() -> ocp.handlers.DefaultCheckpointHandlerRegistry:
+    registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+    handler = StateHandler()
+    registry.add(None, ocp.args.StandardSave, handler)
+    registry.add(None, ocp.args.StandardRestore, handler)
+    return registry
 
 
 def latest_manager(workdir: str | Path, keep: int = 3, read_only: bool = False
@@ -28,7 +61,8 @@ def latest_manager(workdir: str | Path, keep: int = 3, read_only: bool = False
     return ocp.CheckpointManager(
         Path(workdir).absolute() / LATEST_DIR,
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
-                                             read_only=read_only))
+                                             read_only=read_only),
+        handler_registry=_handler_registry())
 
 
 def best_manager(workdir: str | Path, metric: str, mode: str = "max", read_only: bool = False
@@ -37,7 +71,8 @@ def best_manager(workdir: str | Path, metric: str, mode: str = "max", read_only:
         Path(workdir).absolute() / BEST_DIR,
         options=ocp.CheckpointManagerOptions(
             max_to_keep=1, best_fn=lambda metrics: float(metrics[metric]), best_mode=mode,
-            keep_checkpoints_without_metrics=False, create=not read_only, read_only=read_only))
+            keep_checkpoints_without_metrics=False, create=not read_only, read_only=read_only),
+        handler_registry=_handler_registry())
 
 
 def abstract(tree: Any) -> Any:
