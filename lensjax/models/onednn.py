@@ -12,11 +12,10 @@ the XLA:CPU cliff of 2x2 maps (`experiments/benchmarks/bench_kernels.py`).
 oneDNN is not asked for the weight gradient: as a forward convolution its kernel
 would be the whole image, which oneDNN runs with its reference code (seconds).
 
-Inside a jitted train step these calls run on XLA's intra-op pool threads, and
-there they get little from a second core: XLA's oneDNN thread-pool adapter runs the
-first worker on the calling thread and queues the rest without waking an idle pool
-thread (summed over a UNet step's trace, oneDNN convolutions took 584 ms on one
-core and 555 ms on two; README, "Performance").
+XLA runs these calls as asynchronous oneDNN thunks on its intra-op pool, which
+oneDNN splits over every pool thread; during ResNet-18 train steps both cores are
+busy (process CPU time over wall time 1.91-1.95; README, "Performance", "Where the
+time goes").
 
 The matmul is 5-25% faster than XLA:CPU's dots at the ViT-S shapes, and it reads
 a transposed operand in place where XLA copies it first (the weight gradients
@@ -31,8 +30,8 @@ per process); otherwise lensjax keeps XLA's kernels. The persistent cache rules
 them out because an executable with these custom calls (and with
 `custom_partitioning`) cannot be written to it (the write fails with
 std::bad_alloc; a test session that ran them with such a cache ended in a
-segmentation fault, cause not isolated further). Whole train steps run 1.01-1.13x
-faster with them (README, "Performance"). Where LENSJAX_ONEDNN=1 is set and a
+segmentation fault, cause not isolated further). Whole train steps run 1.01-1.10x
+faster with them (docs/performance-history.md). Where LENSJAX_ONEDNN=1 is set and a
 persistent cache is configured, lensjax warns once.
 
 Under a sharded `jax.jit` the calls are partitioned along the batch axis
