@@ -61,12 +61,16 @@ def compiler_options(backend: str | None = None) -> dict[str, Any]:
     return {YNN_FUSION_TYPE_OPTION: ",".join(CPU_YNN_FUSION_TYPES)}
 
 
-def jit(fn: Callable, **jit_kwargs) -> Callable:
-    """`jax.jit(fn, **jit_kwargs)` with lensjax's `compiler_options()` for the default backend."""
-    options = compiler_options()
+def _jit_with(options: dict[str, Any], fn: Callable, jit_kwargs: dict) -> Callable:
+    """jax.jit with `options` under the caller's own `compiler_options` (theirs win)."""
     if options:
         jit_kwargs["compiler_options"] = {**options, **jit_kwargs.get("compiler_options", {})}
     return jax.jit(fn, **jit_kwargs)
+
+
+def jit(fn: Callable, **jit_kwargs) -> Callable:
+    """`jax.jit(fn, **jit_kwargs)` with lensjax's `compiler_options()` for the default backend."""
+    return _jit_with(compiler_options(), fn, jit_kwargs)
 
 
 def one_shot_compiler_options(backend: str | None = None) -> dict[str, Any]:
@@ -81,7 +85,4 @@ def one_shot_compiler_options(backend: str | None = None) -> dict[str, Any]:
 def jit_once(fn: Callable, **jit_kwargs) -> Callable:
     """`jax.jit(fn, **jit_kwargs)` for a program that runs once, such as the initial
     train state: compiled for a short compile rather than a fast run (on CPU)."""
-    options = one_shot_compiler_options()
-    if options:
-        jit_kwargs["compiler_options"] = {**options, **jit_kwargs.get("compiler_options", {})}
-    return jax.jit(fn, **jit_kwargs)
+    return _jit_with(one_shot_compiler_options(), fn, jit_kwargs)
