@@ -6,7 +6,7 @@ STAMP_RUN := $(VENV)/.installed-run
 STAMP_TEST := $(VENV)/.installed-test
 STAMP_BENCH := $(VENV)/.installed-bench
 
-.PHONY: test demo bench gallery clean
+.PHONY: test demo bench gpu-wheels gallery clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,11 @@ bench: $(STAMP_BENCH)
 	$(BIN)/python experiments/benchmarks/bench_train.py
 	$(BIN)/python experiments/benchmarks/bench_pipeline.py
 	$(BIN)/python experiments/benchmarks/bench_fsdp.py
+
+# Pure-Python wheels that GPU images often lack, for experiments/benchmarks/gpu_run.sh.
+GPU_WHEELS := $(shell grep -E '^(ml-collections|clu)==' requirements.txt)
+gpu-wheels: | $(BIN)/python
+	$(BIN)/python -m pip download --quiet --no-deps --only-binary=:all: --dest .whl $(GPU_WHEELS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

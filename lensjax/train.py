@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from clu import metric_writers, metrics, periodic_actions
+from clu import metrics
 from flax import nnx
 
 from lensjax import checkpointing, compilation, parallel, tasks
@@ -396,6 +396,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     mesh = parallel.make_mesh(config.get("num_devices") or None)
     parallel.check_global_batch(config.train.batch_size, mesh)
     parallel.check_global_batch(config.eval.batch_size, mesh)
+    # clu's writers import TensorFlow (about 3 s, and absent on some GPU images), which
+    # only the training loop needs: the steps, models and benchmarks import without it.
+    from clu import metric_writers, periodic_actions
+
     writer = metric_writers.create_default_writer(
         str(workdir), just_logging=jax.process_index() > 0, asynchronous=True)
 

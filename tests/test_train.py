@@ -31,6 +31,30 @@ def tiny_config(**train_overrides):
     return config
 
 
+NO_TENSORFLOW = """
+import sys
+class _Absent:  # as on a GPU image without TensorFlow: importing it fails
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("tensorflow", "tensorflow_datasets"):
+            raise ImportError(f"{name} is not installed here")
+sys.meta_path.insert(0, _Absent())
+sys.path.insert(0, "experiments/benchmarks")
+"""
+
+
+def test_training_and_benchmarks_import_without_tensorflow():
+    """Only the training loop's metric writers (clu's, which import TensorFlow) and the
+    DeepLense TFDS builders need TensorFlow: the step, the entry points' modules and the
+    train-step benchmark import without it."""
+    code = NO_TENSORFLOW + (
+        "import lensjax.train, lensjax.main, lensjax.evaluate, lensjax.sample, bench_train\n"
+        "from lensjax import tasks\n"
+        "[tasks.get_task(name) for name in tasks.TASKS]\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
 def _params(state):
     return {"/".join(map(str, path)): np.asarray(leaf)
             for path, leaf in jax.tree_util.tree_flatten_with_path(state["params"])[0]}
