@@ -43,6 +43,22 @@ def initialize_distributed(multihost: bool | None = None) -> None:
                  jax.device_count())
 
 
+def hide_accelerators_from_tensorflow() -> None:
+    """Import TensorFlow with its GPUs hidden, so that it never allocates accelerator
+    memory that JAX owns (TensorFlow takes a GPU's memory at its first op there).
+
+    lensjax uses TensorFlow only through TFDS / tf.data and clu's metric writers; both
+    call this before TensorFlow's first op. Once TensorFlow has initialised its
+    devices, hiding them raises RuntimeError: then it is too late, and nothing changes.
+    """
+    import tensorflow as tf
+
+    try:
+        tf.config.set_visible_devices([], "GPU")
+    except RuntimeError:
+        pass
+
+
 def make_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:
     """A 1-D mesh over the first `num_devices` devices (default: all), axis `data`."""
     devices = jax.devices()

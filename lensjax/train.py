@@ -400,6 +400,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     # only the training loop needs: the steps, models and benchmarks import without it.
     from clu import metric_writers, periodic_actions
 
+    parallel.hide_accelerators_from_tensorflow()
     writer = metric_writers.create_default_writer(
         str(workdir), just_logging=jax.process_index() > 0, asynchronous=True)
 

@@ -55,6 +55,23 @@ def test_training_and_benchmarks_import_without_tensorflow():
     assert result.returncode == 0, result.stderr[-3000:]
 
 
+def test_tensorflow_is_kept_off_accelerators(monkeypatch):
+    """TensorFlow (imported for clu's writers and TFDS) gets no GPU; hiding them after
+    TensorFlow initialised its devices (RuntimeError) is not an error."""
+    import tensorflow as tf
+    calls = []
+
+    def set_visible_devices(devices, device_type):
+        calls.append((list(devices), device_type))
+        if len(calls) == 2:
+            raise RuntimeError("Visible devices cannot be modified after being initialized")
+
+    monkeypatch.setattr(tf.config, "set_visible_devices", set_visible_devices)
+    parallel.hide_accelerators_from_tensorflow()
+    parallel.hide_accelerators_from_tensorflow()
+    assert calls == [([], "GPU"), ([], "GPU")]
+
+
 def _params(state):
     return {"/".join(map(str, path)): np.asarray(leaf)
             for path, leaf in jax.tree_util.tree_flatten_with_path(state["params"])[0]}

@@ -55,10 +55,9 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from etils import epath
 
-try:  # TF must not grab accelerator memory that JAX owns.
-    tf.config.set_visible_devices([], "GPU")
-except RuntimeError:  # devices already initialised by an earlier TF user: too late
-    pass
+from lensjax import parallel
+
+parallel.hide_accelerators_from_tensorflow()
 
 TRAIN, SELECTION, TEST, VAL = "train", "selection", "test", "val"
 DEFAULT_SELECTION_FRACTION = 0.1
