@@ -38,7 +38,7 @@ if [ "${GPU_RUN_QUICK:-0}" = 1 ]; then
   classifier_batch=4; mae_batch=4; unet_batch=1; timing=(--rounds 2 --round-seconds 0.3)
   sim_args=(--batch-size 8 --seconds 0.3 --rounds 1 --skip-lenstronomy --cases model_ii:no_sub)
 else
-  # About 7 minutes on one H100 (compilation included), inside one 10-minute device call.
+  # Sized for one 10-minute call with compilation (estimated: not yet run on a GPU).
   classifier_batch=256; mae_batch=256; unet_batch=32; timing=(--rounds 3 --round-seconds 2)
   # model_ii cdm is left out: XLA took minutes to compile it for a GPU (README).
   sim_args=(--batch-size 4096 --seconds 3 --skip-lenstronomy
