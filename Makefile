@@ -40,7 +40,7 @@ bench: $(STAMP_BENCH)
 	$(BIN)/python experiments/benchmarks/bench_fsdp.py
 
 # Pure-Python wheels that GPU images often lack, for experiments/benchmarks/gpu_run.sh.
-GPU_WHEELS := $(shell grep -E '^(ml-collections|clu)==' requirements.txt)
+GPU_WHEELS = $(shell grep -E '^(ml-collections|clu)==' requirements.txt)
 gpu-wheels: | $(BIN)/python
 	$(BIN)/python -m pip download --quiet --no-deps --only-binary=:all: --dest .whl $(GPU_WHEELS)
 

@@ -38,7 +38,6 @@ class _Absent:  # as on a GPU image without TensorFlow: importing it fails
         if name.split(".")[0] in ("tensorflow", "tensorflow_datasets"):
             raise ImportError(f"{name} is not installed here")
 sys.meta_path.insert(0, _Absent())
-sys.path.insert(0, "experiments/benchmarks")
 """
 
 
@@ -47,6 +46,7 @@ def test_training_and_benchmarks_import_without_tensorflow():
     DeepLense TFDS builders need TensorFlow: the step, the entry points' modules and the
     train-step benchmark import without it."""
     code = NO_TENSORFLOW + (
+        "sys.path.insert(0, 'experiments/benchmarks')\n"
         "import lensjax.train, lensjax.main, lensjax.evaluate, lensjax.sample, bench_train\n"
         "from lensjax import tasks\n"
         "[tasks.get_task(name) for name in tasks.TASKS]\n")

@@ -14,9 +14,9 @@
 # table as it goes. GPU_RUN_QUICK=1 runs every step with tiny batches and short rounds
 # (a check of the script itself, on any machine).
 set -uo pipefail
-cd "$(dirname "$0")/../.."
 out=${1:-${OUT:-runs/gpu}}
-mkdir -p "$out"
+mkdir -p "$out" && out=$(cd "$out" && pwd)   # as given from the caller's folder
+cd "$(dirname "$0")/../.."
 python=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 LENSJAX_HUGEPAGES=0   # the heap tunables are for XLA:CPU
 
