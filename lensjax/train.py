@@ -29,7 +29,7 @@ import optax
 from clu import metrics
 from flax import nnx
 
-from lensjax import checkpointing, compilation, parallel, tasks
+from lensjax import checkpointing, compilation, parallel, tasks, writers
 from lensjax.data import pipeline, transforms
 
 TrainState = dict[str, Any]
@@ -396,13 +396,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     mesh = parallel.make_mesh(config.get("num_devices") or None)
     parallel.check_global_batch(config.train.batch_size, mesh)
     parallel.check_global_batch(config.eval.batch_size, mesh)
-    # clu's writers import TensorFlow (about 3 s, and absent on some GPU images), which
-    # only the training loop needs: the steps, models and benchmarks import without it.
-    from clu import metric_writers, periodic_actions
-
-    parallel.hide_accelerators_from_tensorflow()
-    writer = metric_writers.create_default_writer(
-        str(workdir), just_logging=jax.process_index() > 0, asynchronous=True)
+    # TensorBoard through clu where TensorFlow is installed, else workdir/metrics.jsonl.
+    writer = writers.create_writer(workdir, just_logging=jax.process_index() > 0)
 
     # --- model, optimiser, state ---------------------------------------------------
     graphdef, state, tx = init_state(config, task)
@@ -420,8 +415,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     batches = pipeline.train_iterator(config, mesh, start_step)
     root_rng = jax.random.key(config.seed)
     total = config.train.steps
-    hooks = [periodic_actions.ReportProgress(num_train_steps=total, writer=writer,
-                                             every_steps=config.train.log_every)]
+    progress = writers.ProgressReport(total, config.train.log_every, writer)
     train_metrics = None
     final: dict = {}
 
@@ -458,8 +452,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
             step += 1
             if step == start_step + 1:   # the state, the data stream and the compiled step exist
                 frozen.freeze()
-            for hook in hooks:
-                hook(step)
+            progress(step)
             preemption.check(step)
 
             # --- logging, selection, checkpoints -------------------------------------------
@@ -495,6 +488,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                 break
     latest.wait_until_finished()
     best.wait_until_finished()
-    writer.flush()
+    writer.close()
     final["step"] = step
     return final

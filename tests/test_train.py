@@ -13,7 +13,7 @@ import numpy as np
 import optax
 import pytest
 
-from lensjax import checkpointing, evaluate, parallel, tasks, train
+from lensjax import checkpointing, evaluate, parallel, tasks, train, writers
 from lensjax.data import pipeline
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,11 +33,10 @@ def tiny_config(**train_overrides):
 
 NO_TENSORFLOW = """
 import sys
-class _Absent:  # as on a GPU image without TensorFlow: importing it fails
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("tensorflow", "tensorflow_datasets"):
-            raise ImportError(f"{name} is not installed here")
-sys.meta_path.insert(0, _Absent())
+# As on a GPU image without TensorFlow: importing it raises ModuleNotFoundError and
+# importlib.util.find_spec finds nothing.
+for _name in ("tensorflow", "tensorflow_datasets", "tensorboard"):
+    sys.modules[_name] = None
 """
 
 
@@ -53,6 +52,28 @@ def test_training_and_benchmarks_import_without_tensorflow():
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_training_without_tensorflow_writes_metrics_jsonl(tmp_path):
+    """`python -m lensjax.main` trains where TensorFlow is absent (some GPU images):
+    the metrics go to workdir/metrics.jsonl and the log instead of TensorBoard."""
+    argv = ["lensjax.main", f"--config={CONFIG}:runlocal=True", f"--workdir={tmp_path}",
+            "--config.data.preset=model_ii", "--config.model.kwargs.image_size=64",
+            "--config.train.steps=2", "--config.train.log_every=1", "--config.train.eval_every=2"]
+    code = NO_TENSORFLOW + f"import runpy\nsys.argv = {argv!r}\nrunpy.run_module('lensjax.main', run_name='__main__')\n"
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-5000:]
+    assert "TensorFlow is not installed" in result.stderr
+    rows = writers.read_metrics(tmp_path / writers.METRICS_FILE)
+    train_rows = [row for row in rows if "train_loss" in row]
+    assert [row["step"] for row in train_rows] == [1, 2]
+    assert all(np.isfinite(row["train_loss"]) for row in train_rows)
+    selection = [row for row in rows if any(k.startswith("selection_") for k in row)]
+    assert [row["step"] for row in selection] == [2]
+    assert any("steps_per_sec" in row and row["steps_per_sec"] > 0 for row in rows)
+    assert not list(tmp_path.glob("events.out.tfevents.*"))
+    assert checkpointing.find_checkpoint(tmp_path, prefer_best=False)[1] == 2
 
 
 def test_tensorflow_is_kept_off_accelerators(monkeypatch):

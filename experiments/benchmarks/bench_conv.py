@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import time
 
@@ -27,6 +26,8 @@ import optax
 from flax import nnx
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+
+from bench_machine import cpu_description  # noqa: E402  (names the CPU model)
 
 from lensjax import compilation  # noqa: E402  (XLA convolutions on CPU, as lensjax compiles)
 from lensjax.models import get_model  # noqa: E402
@@ -132,7 +133,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     print(f"# jax {jax.__version__}, backend {jax.default_backend()}, {jax.devices()[0].device_kind}, "
-          f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}, load average "
+          f"{os.cpu_count()} CPUs, {cpu_description()}, load average "
           f"{os.getloadavg()[0]:.2f}; best of {args.repeats} interleaved runs; auto on CPU: patches "
           f"for 1x1, cin == 1, stride > 1, cin >= {layers.PATCHES_MIN_CHANNELS} or output maps of "
           f"<= {layers.PATCHES_MAX_OUTPUT_PIXELS} pixels, else xla")

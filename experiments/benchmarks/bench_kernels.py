@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 
 import jax
@@ -45,6 +44,8 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+
+from bench_machine import cpu_description  # noqa: E402  (names the CPU model)
 
 from bench_noise import best_seconds  # noqa: E402  (best of n calls, blocked on)
 
@@ -178,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     torch.set_num_threads(args.threads or cores)
     print(f"# jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__} with "
-          f"{torch.get_num_threads()} threads, {platform.machine()} {cores} cores, load average "
+          f"{torch.get_num_threads()} threads, {cpu_description()}, {cores} cores, load average "
           f"{os.getloadavg()[0]:.2f}; float32, best of {args.repeats}; "
           f"{onednn.describe_setting()}")
     print(f"{'kernel':<40} {'lensjax ms':>10} {'XLA ms':>8} {'YNN ms':>8} {'torch ms':>9} "

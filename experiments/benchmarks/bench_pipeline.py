@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
-import platform
 import statistics
 import sys
 import time
@@ -37,6 +36,8 @@ import time
 import jax
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+
+from bench_machine import cpu_description  # noqa: E402  (names the CPU model)
 
 from lensjax import parallel, tasks, train  # noqa: E402
 from lensjax.data import pipeline  # noqa: E402
@@ -127,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"input pipeline benchmark | {os.path.basename(args.config)} ({config.model.name}, "
           f"{config.data.source}:{config.data.get('preset', '')}, batch {batch}) | jax "
           f"{jax.__version__} | {device.platform}: {device.device_kind} x{mesh.size} | "
-          f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores | "
+          f"{cpu_description()}, {os.cpu_count()} cores | "
           f"{rounds} rounds of {steps} steps, medians | load average {os.getloadavg()[0]:.2f}")
     header = f"{'feed':<26} {'ms/step':>9} {'steps/s':>9} {'images/s':>9}"
     print(header)

@@ -20,7 +20,6 @@ import functools
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -29,6 +28,8 @@ import jax
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+
+from bench_machine import cpu_description  # noqa: E402  (names the CPU model)
 
 from lensjax.sim import get_preset, instrument, profiles  # noqa: E402
 from lensjax.sim.recipes import DeepLenseSimRecipe  # noqa: E402
@@ -182,7 +183,7 @@ def main(argv=None) -> int:
         parser.error("--rounds must be >= 1 and --seconds > 0")
     device = jax.devices()[0]
     print(f"lensjax simulator benchmark | jax {jax.__version__} | {device.platform}: "
-          f"{device.device_kind} x{jax.device_count()} | {platform.processor() or platform.machine()} "
+          f"{device.device_kind} x{jax.device_count()} | {cpu_description()}, "
           f"{os.cpu_count()} cores | batch {args.batch_size} | {args.rounds} rounds of "
           f"{args.seconds / args.rounds:.1f} s per side, medians | "
           f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r} | line sum {args.line_sum}")

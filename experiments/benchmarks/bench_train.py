@@ -30,7 +30,6 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -64,6 +63,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
+from bench_machine import cpu_description  # noqa: E402  (names the CPU model)
 from lensjax import configlib, diffusion, parallel, train  # noqa: E402
 from lensjax.models import get_model, onednn  # noqa: E402
 from lensjax.tasks import classification  # noqa: E402
@@ -348,7 +348,7 @@ def machine_line(torch_device: str) -> str:
     xla_threads = "" if device.platform != "cpu" else f", {cores} of {os.cpu_count()} cores"
     return (f"jax {jax.__version__} ({device.platform}: {device.device_kind}{xla_threads}) | torch "
             f"{torch.__version__} ({torch_device}, {torch.get_num_threads()} threads) | "
-            f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores | "
+            f"{cpu_description()}, {os.cpu_count()} cores | "
             f"load average {os.getloadavg()[0]:.2f} | "
             f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r} (both frameworks) | "
             f"jax async CPU dispatch {jax.config.values['jax_cpu_enable_async_dispatch']} | "
