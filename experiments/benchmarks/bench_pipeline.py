@@ -22,12 +22,14 @@ the median of each round's own stream / constant ratio.
     python experiments/benchmarks/bench_pipeline.py               # ~1 minute on 2 cores
     python experiments/benchmarks/bench_pipeline.py --quick       # < 1 minute
     python experiments/benchmarks/bench_pipeline.py --config configs/common_resnet18.py
+    python experiments/benchmarks/bench_pipeline.py --batch-size 256 --json pipeline.json  # GPU
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import os
 import statistics
 import sys
@@ -80,10 +82,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=9, help="alternating timed rounds")
     parser.add_argument("--steps", type=int, default=10, help="training steps per round")
     parser.add_argument("--quick", action="store_true", help="3 rounds of 4 steps")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="global batch (default: the config's; a GPU takes 256 and more)")
+    parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = parser.parse_args(argv)
     rounds, steps = (3, 4) if args.quick else (args.rounds, args.steps)
+    if rounds < 1 or steps < 1 or (args.batch_size is not None and args.batch_size < 1):
+        parser.error("--rounds, --steps and --batch-size must be >= 1")
 
     config = load_config(args.config, args.config_arg)
+    if args.batch_size is not None:
+        config.train.batch_size = args.batch_size
     step, state, mesh = build(config)
     stream = pipeline.train_iterator(config, mesh, 0)
     constant = jax.block_until_ready(next(stream))
@@ -125,11 +134,12 @@ def main(argv: list[str] | None = None) -> int:
 
     device = jax.devices()[0]
     batch = config.train.batch_size
-    print(f"input pipeline benchmark | {os.path.basename(args.config)} ({config.model.name}, "
-          f"{config.data.source}:{config.data.get('preset', '')}, batch {batch}) | jax "
-          f"{jax.__version__} | {device.platform}: {device.device_kind} x{mesh.size} | "
-          f"{cpu_description()}, {os.cpu_count()} cores | "
-          f"{rounds} rounds of {steps} steps, medians | load average {os.getloadavg()[0]:.2f}")
+    machine = (f"input pipeline benchmark | {os.path.basename(args.config)} ({config.model.name}, "
+               f"{config.data.source}:{config.data.get('preset', '')}, batch {batch}) | jax "
+               f"{jax.__version__} | {device.platform}: {device.device_kind} x{mesh.size} | "
+               f"{cpu_description()}, {os.cpu_count()} cores | "
+               f"{rounds} rounds of {steps} steps, medians | load average {os.getloadavg()[0]:.2f}")
+    print(machine)
     header = f"{'feed':<26} {'ms/step':>9} {'steps/s':>9} {'images/s':>9}"
     print(header)
     print("-" * len(header))
@@ -148,6 +158,12 @@ def main(argv: list[str] | None = None) -> int:
           f"({100 * (1 - paired_median):+.1f}% cost), range {min(rounds_ratio):.3f}-{max(rounds_ratio):.3f} "
           f"over {rounds} rounds ({', '.join(f'{r:.3f}' for r in rounds_ratio)})")
     print(f"load average after: {os.getloadavg()[0]:.2f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": machine, "batch_size": batch,
+                       "ms_per_step": {name: 1e3 * value for name, value in median.items()},
+                       "stream_over_constant": ratio, "per_round_pairs": rounds_ratio,
+                       "per_round_pairs_median": paired_median}, f, indent=2)
     return 0
 
 
