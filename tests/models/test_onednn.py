@@ -119,7 +119,10 @@ def test_conv_onednn_values_and_gradients_equal_laxs(batch, strides):
         loss(lambda x, k: layers.conv_onednn(x, k, (strides, strides))), (0, 1)))
     ref = jax.jit(jax.value_and_grad(loss(lambda x, k: _lax_conv(x, k, (strides, strides))), (0, 1)))
     (value, grads), (ref_value, ref_grads) = ours(x, kernel), ref(x, kernel)
-    np.testing.assert_allclose(value, ref_value, rtol=1e-5)
+    # The loss sums terms of both signs: compare it to the size of its terms (float32
+    # rounding of a cancelling sum differs between CPUs' kernels), not to its own value.
+    terms = float(jnp.sum(jnp.abs(jnp.sin(_lax_conv(x, kernel, (strides, strides))))))
+    assert abs(float(value) - float(ref_value)) <= 1e-7 * terms
     for got, want in zip(grads, ref_grads):
         _assert_close_to_scale(got, want)
     hlo = ours.lower(x, kernel).as_text()

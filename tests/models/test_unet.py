@@ -159,8 +159,11 @@ def test_time_embedding_changes_the_output(random_model):
     x = jnp.repeat(_images(1, 64, seed=5), 2, axis=0)
     same_t = np.asarray(_apply(random_model, x, jnp.array([10, 10])))
     other_t = np.asarray(_apply(random_model, x, jnp.array([10, 500])))
-    np.testing.assert_array_equal(same_t[0], same_t[1])                 # same x, same t
-    np.testing.assert_array_equal(other_t[0], same_t[0])
+    # Same x and t give the same output up to float32 rounding: a batch's images can take
+    # different vector paths of a CPU's kernels (2.6e-6 apart on an AVX2-only EPYC).
+    rounding = 1e-5 * np.max(np.abs(same_t))
+    np.testing.assert_allclose(same_t[0], same_t[1], rtol=0, atol=rounding)   # same x, same t
+    np.testing.assert_allclose(other_t[0], same_t[0], rtol=0, atol=rounding)
     assert np.max(np.abs(other_t[1] - other_t[0])) > 1e-2 * np.max(np.abs(other_t[0]))
     # A scalar t is broadcast over the batch.
     np.testing.assert_array_equal(random_model.time_embedding(jnp.array(7), 3),
