@@ -23,6 +23,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Callable
 
+from lensjax import parallel
+
 METRICS_FILE = "metrics.jsonl"
 # Top-level modules whose absence makes clu's writers unusable (they import them).
 TENSORFLOW_MODULES = ("tensorflow", "tensorboard")
@@ -104,7 +106,6 @@ def create_writer(workdir: str | Path, *, just_logging: bool = False):
                         "to %s and the log. `pip install -r requirements.txt` adds TensorBoard.",
                         error.name, "the log" if just_logging else Path(workdir) / METRICS_FILE)
         return JsonLinesWriter(None if just_logging else Path(workdir) / METRICS_FILE)
-    from lensjax import parallel
     parallel.hide_accelerators_from_tensorflow()
     return metric_writers.create_default_writer(str(workdir), just_logging=just_logging,
                                                 asynchronous=True)

@@ -70,7 +70,7 @@ bench train_bf16_unet bench_train.py --dtype bfloat16 --batch-size "$unet_batch"
 bench sim bench_sim.py "${sim_args[@]}"
 # Issue target: the simulated stream costs under 5% of the steps/s of a constant batch.
 # Opt-in (GPU_RUN_PIPELINE=1; always with GPU_RUN_QUICK=1): the demo's stream simulates
-# model_ii cdm, whose GPU compilation took minutes (above), more than one call may have.
+# model_ii cdm, whose GPU compilation took minutes (above): it may not fit in one call.
 if [ "${GPU_RUN_PIPELINE:-0}" = 1 ] || [ "${GPU_RUN_QUICK:-0}" = 1 ]; then
   bench pipeline bench_pipeline.py "${pipeline_args[@]}"
 fi
