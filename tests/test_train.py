@@ -40,15 +40,21 @@ for _name in ("tensorflow", "tensorflow_datasets", "tensorboard"):
 """
 
 
-def test_training_and_benchmarks_import_without_tensorflow():
+@pytest.mark.parametrize("tensorflow", ["absent", "installed"])
+def test_training_and_benchmarks_import_without_tensorflow(tensorflow):
     """Only the training loop's metric writers (clu's, which import TensorFlow) and the
-    DeepLense TFDS builders need TensorFlow: the step, the entry points' modules and the
-    train-step benchmark import without it."""
-    code = NO_TENSORFLOW + (
+    DeepLense TFDS builders need TensorFlow: the models, the diffusion maths, the step,
+    the entry points' modules and the train-step benchmark import where it is absent,
+    and where it is installed they leave it unimported (it takes seconds to load)."""
+    code = (NO_TENSORFLOW if tensorflow == "absent" else "import sys\n") + (
         "sys.path.insert(0, 'experiments/benchmarks')\n"
+        "import lensjax.models, lensjax.diffusion\n"
         "import lensjax.train, lensjax.main, lensjax.evaluate, lensjax.sample, bench_train\n"
         "from lensjax import tasks\n"
-        "[tasks.get_task(name) for name in tasks.TASKS]\n")
+        "[tasks.get_task(name) for name in tasks.TASKS]\n"
+        "loaded = [m for m in ('tensorflow', 'tensorflow_datasets', 'tensorboard')\n"
+        "          if sys.modules.get(m) is not None]\n"
+        "assert not loaded, f'imported {loaded}'\n")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
