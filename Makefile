@@ -27,9 +27,12 @@ $(STAMP_BENCH): $(STAMP_TEST) requirements-bench.txt
 # Tests run in TEST_WORKERS pytest-xdist processes. Most of the suite's time is XLA
 # compiling small programs, one core per compile, so two processes keep both cores of
 # a 2-core machine busy (811 -> 590-600 s there). Each process holds up to ~6 GB (its
-# compiled programs over 8 fake devices), so the default stays at 2 rather than one per
-# core; TEST_WORKERS=0 runs the suite in this process.
-TEST_WORKERS ?= 2
+# compiled programs over 8 fake devices; two took ~13 GB with their subprocesses), so
+# the default is 2 where at least 16 GB are available and 0 (one process) otherwise,
+# rather than one per core. TEST_WORKERS=0 runs the suite in this process.
+TEST_WORKERS ?= $(shell test -r /proc/meminfo \
+	&& awk '/^MemAvailable:/ {print ($$2 >= 16 * 1024 * 1024) ? 2 : 0}' /proc/meminfo \
+	|| echo 2)
 
 test: $(STAMP_TEST)
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal tests
