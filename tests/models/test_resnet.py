@@ -9,7 +9,6 @@ both implementations. One real optax step on a fixed batch must lower the loss.
 
 from __future__ import annotations
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np
