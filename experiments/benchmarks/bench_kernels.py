@@ -23,14 +23,15 @@ bench_train.py can be traced to the kernels that cause them. `--alternatives`
 also times the rejected ways around XLA's convolution at the 8 x 64 x 64 x 64
 layer (building the im2col patch matrix; the weight gradient as nine shifted
 matmuls), the weight gradient of the UNet's batch-2 layer on image strips, and
-the exact GELU. `--unet-weight-grads` times the weight gradient of every 3 x 3
-convolution of bench_train.py's unet_150 step against PyTorch's, and their sum
-per step.
+the exact GELU. `--weight-grads CASES` times the weight gradient of every 3 x 3,
+stride-1 convolution whose weight gradient is XLA's (`layers.weight_grad`) in
+bench_train.py's steps of CASES (resnet18_64, resnet18_150, unet_150) against
+PyTorch's, and their sum per step (`--unet-weight-grads` is `--weight-grads unet_150`).
 
     python experiments/benchmarks/bench_kernels.py                 # about 2 minutes on 2 cores
     python experiments/benchmarks/bench_kernels.py --alternatives
     python experiments/benchmarks/bench_kernels.py --no-onednn     # lensjax with LENSJAX_ONEDNN=0
-    python experiments/benchmarks/bench_kernels.py --unet-weight-grads   # + the UNet's weight grads
+    python experiments/benchmarks/bench_kernels.py --weight-grads resnet18_64,resnet18_150,unet_150
 """
 
 from __future__ import annotations
@@ -166,12 +167,22 @@ def main(argv: list[str] | None = None) -> int:
                         help="also time the rejected convolution formulations and the GELU")
     parser.add_argument("--threads", type=int, default=None,
                         help="PyTorch intra-op threads (default: the cores JAX may use)")
+    parser.add_argument("--weight-grads", default="",
+                        help="comma-separated bench_train.py cases (" + ", ".join(WEIGHT_GRAD_CONVS)
+                             + "): also time the weight gradient of each of their 3 x 3 "
+                             "stride-1 convolutions, summed over the step")
     parser.add_argument("--unet-weight-grads", action="store_true",
-                        help="also time the weight gradient of every 3 x 3 convolution of the "
-                             "unet_150 step, summed over the step")
+                        help="the same as --weight-grads unet_150")
     parser.add_argument("--no-onednn", action="store_true",
                         help="lensjax's column without oneDNN's kernels (sets LENSJAX_ONEDNN=0)")
     args = parser.parse_args(argv)
+    weight_grad_cases = [c for c in args.weight_grads.split(",") if c]
+    if args.unet_weight_grads and "unet_150" not in weight_grad_cases:
+        weight_grad_cases.append("unet_150")
+    unknown = sorted(set(weight_grad_cases) - set(WEIGHT_GRAD_CONVS))
+    if unknown:
+        parser.error(f"--weight-grads: unknown case(s) {', '.join(unknown)}; "
+                     f"valid: {', '.join(WEIGHT_GRAD_CONVS)}")
     if args.no_onednn:
         os.environ[onednn.ENV_SWITCH] = "0"
     import torch  # benchmark-only reference (requirements-bench.txt)
@@ -218,33 +229,48 @@ def main(argv: list[str] | None = None) -> int:
             lambda: jax.block_until_ready(matmul(ja, jb)), lambda: torch.matmul(ta, tb))
     if args.alternatives:
         time_alternatives(torch, args.repeats)
-    if args.unet_weight_grads:
-        time_unet_weight_grads(torch, args.repeats)
+    for case in weight_grad_cases:
+        time_weight_grads(torch, case, args.repeats)
     return 0
 
 
-# The 3 x 3, stride-1 convolutions of bench_train.py's unet_150 step (batch 2):
-# (layers with this shape, map size, cin, cout, upsampling), read from its program.
-# An upsampling layer's 3 x 3 convolution runs on the upsampled map in PyTorch and,
-# in lensjax (`unet.upsample_conv`), as a 2 x 2 convolution with 4 x cout outputs on
-# the input map, padded by one row and column (size / 2 + 1).
-UNET_150_CONVS = ((7, 152, 32, 32, False), (2, 152, 64, 32, False), (1, 152, 64, 64, True),
-                  (1, 152, 96, 32, False), (6, 76, 64, 64, False), (1, 76, 64, 64, True),
-                  (2, 76, 128, 64, False), (1, 76, 32, 64, False), (1, 76, 96, 64, False),
-                  (7, 38, 64, 64, False), (1, 38, 128, 128, True), (2, 38, 128, 64, False),
-                  (1, 38, 192, 64, False), (10, 19, 128, 128, False), (1, 19, 192, 128, False),
-                  (2, 19, 256, 128, False), (1, 19, 64, 128, False))
+# The 3 x 3, stride-1 convolutions whose weight gradient lensjax leaves to XLA
+# (`layers.weight_grad`) in bench_train.py's steps: case -> (batch, layers), each
+# layer (layers with this shape, map size, cin, cout, upsampling); tests/test_benchmarks.py
+# checks them against the models. ResNet-18: the stride-1 convolutions of the four
+# stages (the stride-2 ones and the single-channel stem run on "patches", whose
+# weight gradient is a matmul); resnet18_64 keeps 64 px maps in its stride-1 stem,
+# resnet18_150's ImageNet stem and max pool bring 150 px to 38. unet_150: the last
+# entry is the output convolution (32 -> 1), which earlier revisions' per-step sums
+# left out. An upsampling layer's 3 x 3 convolution runs on the upsampled map in
+# PyTorch and, in lensjax (`unet.upsample_conv`), as a 2 x 2 convolution with 4 x cout
+# outputs on the input map, padded by one row and column (size / 2 + 1).
+WEIGHT_GRAD_CONVS = {
+    "resnet18_64": (8, ((4, 64, 64, 64, False), (3, 32, 128, 128, False),
+                        (3, 16, 256, 256, False), (3, 8, 512, 512, False))),
+    "resnet18_150": (16, ((4, 38, 64, 64, False), (3, 19, 128, 128, False),
+                          (3, 10, 256, 256, False), (3, 5, 512, 512, False))),
+    "unet_150": (2, ((7, 152, 32, 32, False), (2, 152, 64, 32, False), (1, 152, 64, 64, True),
+                     (1, 152, 96, 32, False), (6, 76, 64, 64, False), (1, 76, 64, 64, True),
+                     (2, 76, 128, 64, False), (1, 76, 32, 64, False), (1, 76, 96, 64, False),
+                     (7, 38, 64, 64, False), (1, 38, 128, 128, True), (2, 38, 128, 64, False),
+                     (1, 38, 192, 64, False), (10, 19, 128, 128, False),
+                     (1, 19, 192, 128, False), (2, 19, 256, 128, False),
+                     (1, 19, 64, 128, False), (1, 152, 32, 1, False))),
+}
 
 
-def time_unet_weight_grads(torch, repeats: int, batch: int = 2) -> None:
-    """ms of each UNet layer's weight gradient, lensjax (`layers.weight_grad`, strips
-    at this batch) vs PyTorch (`torch.nn.grad.conv2d_weight`), and their sums per step."""
+def time_weight_grads(torch, case: str, repeats: int) -> None:
+    """ms of each layer's weight gradient in `case`'s step, lensjax (`layers.weight_grad`,
+    on image strips below batch 4) vs PyTorch (`torch.nn.grad.conv2d_weight`), and
+    their sums per step."""
     from lensjax.models import layers
 
-    print(f"\nweight gradients of the unet_150 step's 3 x 3 convolutions, batch {batch} "
+    batch, convs = WEIGHT_GRAD_CONVS[case]
+    print(f"\nweight gradients of the {case} step's 3 x 3 stride-1 convolutions, batch {batch} "
           f"(ms, best of {repeats}; upsampling layers: lensjax's 2 x 2 phase convolution)")
     totals = np.zeros(2)
-    for count, size, cin, cout, upsampling in UNET_150_CONVS:
+    for count, size, cin, cout, upsampling in convs:
         # lensjax's convolution: (map size, kernel size, outputs).
         ours = (size // 2 + 1, 2, 4 * cout) if upsampling else (size, 3, cout)
         x = jax.random.normal(jax.random.key(0), (batch, ours[0], ours[0], cin))
