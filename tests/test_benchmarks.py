@@ -45,61 +45,32 @@ def test_cpu_description_falls_back_to_the_platform_without_cpuinfo():
     assert cpu_description() != ""
 
 
-def _weight_grad_convs(case_name: str) -> tuple[int, tuple]:
-    """(batch, layers) as bench_kernels.WEIGHT_GRAD_CONVS lists them, read from one
-    abstract forward pass of the bench_train.py case's model: every convolution that
-    the CPU rule with oneDNN on gives "onednn" (whose weight gradient is XLA's)."""
-    import collections
-    from unittest import mock
 
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from bench_train import CASES, NUM_CLASSES
-    from lensjax.models import get_model, layers
-
-    case = CASES[case_name]
-    kwargs = dict(case.kwargs, image_size=case.image_size)
-    if case.kind == "classifier":
-        kwargs["num_classes"] = NUM_CLASSES
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: get_model(case.model, rngs=nnx.Rngs(0),
-                                                                 **kwargs)))
-    seen = collections.Counter()
-    convolve = layers.Conv.convolve
-
-    def recording(self, x, kernel):
-        kh, kw, cin, cout = kernel.shape
-        output = layers.conv_output_size(x.shape[1:3], self.strides)
-        if layers.choose_conv_impl((kh, kw), cin, self.strides, output, backend="cpu",
-                                   onednn_available=True) == "onednn":
-            assert x.shape[1] == x.shape[2], x.shape
-            if (kh, kw) == (2, 2):   # unet.upsample_conv: the 3 x 3 layer on the 2x map
-                seen[(2 * (x.shape[1] - 1), cin, cout // 4, True)] += 1
-            else:
-                assert (kh, kw) == (3, 3), kernel.shape
-                seen[(x.shape[1], cin, cout, False)] += 1
-        return convolve(self, x, kernel)
-
-    def forward(state, images):
-        model = nnx.merge(graphdef, state)
-        if case.kind == "diffusion":
-            return model(images, jnp.zeros((images.shape[0],), jnp.int32))
-        return model(images)
-
-    images = jax.ShapeDtypeStruct((case.batch_size, case.image_size, case.image_size, 1),
-                                  jnp.float32)
-    with mock.patch.object(layers.Conv, "convolve", recording):
-        jax.eval_shape(forward, state, images)
-    return case.batch_size, tuple((count, *shape) for shape, count in seen.items())
+# ResNet-18's stride-1 3 x 3 convolutions with more than one input channel: four of
+# 64 channels in the first stage, three per later stage (the first of each is
+# strided). resnet18_64 keeps 64 px in its stride-1 stem; resnet18_150's ImageNet stem
+# and max pool bring 150 px to 38. The UNet's, as its program showed them (the last
+# is the output convolution; upsampling layers on the 2x map).
+EXPECTED_WEIGHT_GRAD_CONVS = {
+    "resnet18_64": (8, ((4, 64, 64, 64, False), (3, 32, 128, 128, False),
+                        (3, 16, 256, 256, False), (3, 8, 512, 512, False))),
+    "resnet18_150": (16, ((4, 38, 64, 64, False), (3, 19, 128, 128, False),
+                          (3, 10, 256, 256, False), (3, 5, 512, 512, False))),
+    "unet_150": (2, ((7, 152, 32, 32, False), (2, 152, 64, 32, False), (1, 152, 64, 64, True),
+                     (1, 152, 96, 32, False), (6, 76, 64, 64, False), (1, 76, 64, 64, True),
+                     (2, 76, 128, 64, False), (1, 76, 32, 64, False), (1, 76, 96, 64, False),
+                     (7, 38, 64, 64, False), (1, 38, 128, 128, True), (2, 38, 128, 64, False),
+                     (1, 38, 192, 64, False), (10, 19, 128, 128, False),
+                     (1, 19, 192, 128, False), (2, 19, 256, 128, False),
+                     (1, 19, 64, 128, False), (1, 152, 32, 1, False))),
+}
 
 
-def test_bench_kernels_weight_grad_layers_are_those_of_the_bench_train_steps():
-    # bench_kernels --weight-grads times these layers' weight gradients per step, so a
-    # model change that moves a layer must show up here, not in a silently wrong sum.
-    from bench_kernels import WEIGHT_GRAD_CONVS
+def test_bench_kernels_reads_the_weight_gradient_layers_from_the_models():
+    # bench_kernels --weight-grads sums these layers' weight gradients per step.
+    from bench_kernels import weight_grad_convs
 
-    for case_name, (batch, convs) in WEIGHT_GRAD_CONVS.items():
-        expected_batch, recorded = _weight_grad_convs(case_name)
-        assert batch == expected_batch, case_name
-        assert sorted(convs) == sorted(recorded), case_name
+    for case_name, (batch, convs) in EXPECTED_WEIGHT_GRAD_CONVS.items():
+        recorded_batch, recorded = weight_grad_convs(case_name)
+        assert recorded_batch == batch, case_name
+        assert sorted(recorded) == sorted(convs), case_name

@@ -26,7 +26,8 @@ matmuls), the weight gradient of the UNet's batch-2 layer on image strips, and
 the exact GELU. `--weight-grads CASES` times the weight gradient of every 3 x 3,
 stride-1 convolution whose weight gradient is XLA's (`layers.weight_grad`) in
 bench_train.py's steps of CASES (resnet18_64, resnet18_150, unet_150) against
-PyTorch's, and their sum per step (`--unet-weight-grads` is `--weight-grads unet_150`).
+PyTorch's, and their sum per step (the layers read from the models,
+`weight_grad_convs`).
 
     python experiments/benchmarks/bench_kernels.py                 # about 2 minutes on 2 cores
     python experiments/benchmarks/bench_kernels.py --alternatives
@@ -168,21 +169,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None,
                         help="PyTorch intra-op threads (default: the cores JAX may use)")
     parser.add_argument("--weight-grads", default="",
-                        help="comma-separated bench_train.py cases (" + ", ".join(WEIGHT_GRAD_CONVS)
-                             + "): also time the weight gradient of each of their 3 x 3 "
-                             "stride-1 convolutions, summed over the step")
-    parser.add_argument("--unet-weight-grads", action="store_true",
-                        help="the same as --weight-grads unet_150")
+                        help="comma-separated convolutional bench_train.py cases (e.g. "
+                             "resnet18_64,resnet18_150,unet_150): also time the weight "
+                             "gradient of each of their 3 x 3 stride-1 convolutions, summed "
+                             "over the step")
     parser.add_argument("--no-onednn", action="store_true",
                         help="lensjax's column without oneDNN's kernels (sets LENSJAX_ONEDNN=0)")
     args = parser.parse_args(argv)
     weight_grad_cases = [c for c in args.weight_grads.split(",") if c]
-    if args.unet_weight_grads and "unet_150" not in weight_grad_cases:
-        weight_grad_cases.append("unet_150")
-    unknown = sorted(set(weight_grad_cases) - set(WEIGHT_GRAD_CONVS))
-    if unknown:
-        parser.error(f"--weight-grads: unknown case(s) {', '.join(unknown)}; "
-                     f"valid: {', '.join(WEIGHT_GRAD_CONVS)}")
+    if weight_grad_cases:
+        from bench_train import CASES
+        valid = [name for name, case in CASES.items() if case.kind != "mae"]
+        unknown = sorted(set(weight_grad_cases) - set(valid))
+        if unknown:
+            parser.error(f"--weight-grads: unknown case(s) {', '.join(unknown)}; "
+                         f"valid: {', '.join(valid)}")
     if args.no_onednn:
         os.environ[onednn.ENV_SWITCH] = "0"
     import torch  # benchmark-only reference (requirements-bench.txt)
@@ -234,30 +235,62 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-# The 3 x 3, stride-1 convolutions whose weight gradient lensjax leaves to XLA
-# (`layers.weight_grad`) in bench_train.py's steps: case -> (batch, layers), each
-# layer (layers with this shape, map size, cin, cout, upsampling); tests/test_benchmarks.py
-# checks them against the models. ResNet-18: the stride-1 convolutions of the four
-# stages (the stride-2 ones and the single-channel stem run on "patches", whose
-# weight gradient is a matmul); resnet18_64 keeps 64 px maps in its stride-1 stem,
-# resnet18_150's ImageNet stem and max pool bring 150 px to 38. unet_150: the last
-# entry is the output convolution (32 -> 1), which earlier revisions' per-step sums
-# left out. An upsampling layer's 3 x 3 convolution runs on the upsampled map in
-# PyTorch and, in lensjax (`unet.upsample_conv`), as a 2 x 2 convolution with 4 x cout
-# outputs on the input map, padded by one row and column (size / 2 + 1).
-WEIGHT_GRAD_CONVS = {
-    "resnet18_64": (8, ((4, 64, 64, 64, False), (3, 32, 128, 128, False),
-                        (3, 16, 256, 256, False), (3, 8, 512, 512, False))),
-    "resnet18_150": (16, ((4, 38, 64, 64, False), (3, 19, 128, 128, False),
-                          (3, 10, 256, 256, False), (3, 5, 512, 512, False))),
-    "unet_150": (2, ((7, 152, 32, 32, False), (2, 152, 64, 32, False), (1, 152, 64, 64, True),
-                     (1, 152, 96, 32, False), (6, 76, 64, 64, False), (1, 76, 64, 64, True),
-                     (2, 76, 128, 64, False), (1, 76, 32, 64, False), (1, 76, 96, 64, False),
-                     (7, 38, 64, 64, False), (1, 38, 128, 128, True), (2, 38, 128, 64, False),
-                     (1, 38, 192, 64, False), (10, 19, 128, 128, False),
-                     (1, 19, 192, 128, False), (2, 19, 256, 128, False),
-                     (1, 19, 64, 128, False), (1, 152, 32, 1, False))),
-}
+def weight_grad_convs(case_name: str) -> tuple[int, tuple]:
+    """(batch, layers) of bench_train.py case `case_name`: its 3 x 3 stride-1
+    convolutions whose weight gradient lensjax leaves to XLA (`layers.weight_grad`),
+    in the order of the forward pass, each as (layers with this shape, map size, cin,
+    cout, upsampling).
+
+    Read from one abstract forward pass of the case's model (`jax.eval_shape`, no
+    arrays) with `layers.Conv.convolve` recording every convolution that the CPU rule
+    with oneDNN on sends to "onednn" (stride 1, k x k > 1, cin > 1); the strided ones
+    and single-channel stems run on "patches", whose weight gradient is a matmul. An
+    upsampling layer's 3 x 3 convolution runs on the upsampled map in PyTorch and, in
+    lensjax (`unet.upsample_conv`), as a 2 x 2 convolution with 4 x cout outputs on
+    the input map padded by one row and column: it is listed as the 3 x 3 layer.
+    """
+    import collections
+    from unittest import mock
+
+    from flax import nnx
+
+    from bench_train import CASES, NUM_CLASSES
+    from lensjax.models import get_model, layers
+
+    case = CASES[case_name]
+    kwargs = dict(case.kwargs, image_size=case.image_size)
+    if case.kind == "classifier":
+        kwargs["num_classes"] = NUM_CLASSES
+    graphdef, state = nnx.split(nnx.eval_shape(
+        lambda: get_model(case.model, rngs=nnx.Rngs(0), **kwargs)))
+    seen = collections.Counter()
+    convolve = layers.Conv.convolve
+
+    def recording(self, x, kernel):
+        kh, kw, cin, cout = kernel.shape
+        output = layers.conv_output_size(x.shape[1:3], self.strides)
+        if layers.choose_conv_impl((kh, kw), cin, self.strides, output, backend="cpu",
+                                   onednn_available=True) == "onednn":
+            if x.shape[1] != x.shape[2] or (kh, kw) not in ((2, 2), (3, 3)):
+                raise ValueError(f"{case_name}: a {kh} x {kw} convolution of {x.shape}: "
+                                 "only square maps and 3 x 3 (or upsampling 2 x 2) kernels")
+            if (kh, kw) == (2, 2):
+                seen[(2 * (x.shape[1] - 1), cin, cout // 4, True)] += 1
+            else:
+                seen[(x.shape[1], cin, cout, False)] += 1
+        return convolve(self, x, kernel)
+
+    def forward(state, images):
+        model = nnx.merge(graphdef, state)
+        if case.kind == "diffusion":
+            return model(images, jnp.zeros((images.shape[0],), jnp.int32))
+        return model(images)
+
+    images = jax.ShapeDtypeStruct((case.batch_size, case.image_size, case.image_size, 1),
+                                  jnp.float32)
+    with mock.patch.object(layers.Conv, "convolve", recording):
+        jax.eval_shape(forward, state, images)
+    return case.batch_size, tuple((count, *shape) for shape, count in seen.items())
 
 
 def time_weight_grads(torch, case: str, repeats: int) -> None:
@@ -266,9 +299,11 @@ def time_weight_grads(torch, case: str, repeats: int) -> None:
     their sums per step."""
     from lensjax.models import layers
 
-    batch, convs = WEIGHT_GRAD_CONVS[case]
+    batch, convs = weight_grad_convs(case)
+    upsampling_note = ("; upsampling layers: lensjax's 2 x 2 phase convolution"
+                       if any(conv[-1] for conv in convs) else "")
     print(f"\nweight gradients of the {case} step's 3 x 3 stride-1 convolutions, batch {batch} "
-          f"(ms, best of {repeats}; upsampling layers: lensjax's 2 x 2 phase convolution)")
+          f"(ms, best of {repeats}{upsampling_note})")
     totals = np.zeros(2)
     for count, size, cin, cout, upsampling in convs:
         # lensjax's convolution: (map size, kernel size, outputs).
