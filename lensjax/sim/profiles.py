@@ -22,9 +22,14 @@ Array = jax.Array
 
 # lenstronomy's SIE keeps a core of 1e-10 arcsec so that the centre is finite.
 SIE_CORE_ARCSEC = 1e-10
-# Smallest ellipticity modulus treated as elliptical; below it the exact
-# spherical limit is used (the elliptical formula divides by sqrt(1 - q^2)).
-_ROUND_EPS = 1e-7
+
+
+def sie_near_round_modulus(dtype) -> float:
+    """Ellipticity modulus c = |(e1, e2)| below which `deflection_sie` uses its
+    first-order expansion in (e1, e2): sqrt(machine epsilon) of `dtype` (3.5e-4 in
+    float32, 1.5e-8 in float64), where the neglected O(c^2) terms fall below the
+    dtype's rounding."""
+    return float(jnp.finfo(dtype).eps) ** 0.5
 
 
 def ellipticity_to_phi_q(e1: Array, e2: Array) -> tuple[Array, Array]:
@@ -52,12 +57,6 @@ def _rotate(x: Array, y: Array, angle: Array) -> tuple[Array, Array]:
     return x * cos + y * sin, -x * sin + y * cos
 
 
-def _safe_sqrt(value: Array) -> Array:
-    """sqrt with a finite gradient at 0 (the gradient there is taken as 0)."""
-    positive = value > 0
-    return jnp.where(positive, jnp.sqrt(jnp.where(positive, value, 1.0)), 0.0)
-
-
 def deflection_sis(x: Array, y: Array, theta_E: Array, center_x: Array = 0.0,
                    center_y: Array = 0.0) -> tuple[Array, Array]:
     """Singular isothermal sphere: alpha = theta_E * r_hat. Shapes broadcast."""
@@ -70,27 +69,61 @@ def deflection_sis(x: Array, y: Array, theta_E: Array, center_x: Array = 0.0,
 
 def deflection_sie(x: Array, y: Array, theta_E: Array, e1: Array, e2: Array,
                    center_x: Array = 0.0, center_y: Array = 0.0) -> tuple[Array, Array]:
-    """Singular isothermal ellipsoid (lenstronomy SIE = NIE with s -> 0). Shapes broadcast."""
+    """Singular isothermal ellipsoid (lenstronomy SIE = NIE with s -> 0). Shapes broadcast.
+
+    Differentiable everywhere off the centre, round point included: for
+    c = |(e1, e2)| < `sie_near_round_modulus` the deflection is its expansion to first
+    order in (e1, e2) (`_sie_near_round`), which is smooth through e = 0, where the
+    position angle arctan2(e2, e1) / 2 of the elliptical formula is undefined.
+    """
     domain.check_nonnegative("theta_E", theta_E)
-    e1 = jnp.asarray(e1, dtype=jnp.result_type(x))
-    e2 = jnp.asarray(e2, dtype=jnp.result_type(x))
-    c = jnp.minimum(_safe_sqrt(e1 * e1 + e2 * e2), 0.9999)
+    dtype = jnp.result_type(x)
+    e1 = jnp.asarray(e1, dtype=dtype)
+    e2 = jnp.asarray(e2, dtype=dtype)
+    dx, dy = x - center_x, y - center_y
+    near_round = e1 * e1 + e2 * e2 < sie_near_round_modulus(dtype) ** 2
+    # The elliptical branch gets a harmless ellipticity where it is not used, so that
+    # its gradient there (NaN at e = 0) does not leak through jnp.where.
+    ell_x, ell_y = _sie_elliptical(dx, dy, theta_E, jnp.where(near_round, 0.5, e1),
+                                   jnp.where(near_round, 0.0, e2))
+    round_x, round_y = _sie_near_round(dx, dy, theta_E, e1, e2)
+    return jnp.where(near_round, round_x, ell_x), jnp.where(near_round, round_y, ell_y)
+
+
+def _sie_elliptical(dx: Array, dy: Array, theta_E: Array, e1: Array, e2: Array
+                    ) -> tuple[Array, Array]:
+    """Keeton's SIE deflection at offsets (dx, dy) from the centre, for |(e1, e2)| > 0."""
+    c = jnp.minimum(jnp.sqrt(e1 * e1 + e2 * e2), 0.9999)
     phi = jnp.arctan2(e2, e1) / 2.0
     q = (1.0 - c) / (1.0 + c)
-    # 1 - q^2 = 4c / (1 + c)^2 exactly; the direct form cancels badly in float32.
-    k = 2.0 * _safe_sqrt(c) / (1.0 + c)
+    # sqrt(1 - q^2) = 2 sqrt(c) / (1 + c) exactly; the direct form cancels badly in float32.
+    k = 2.0 * jnp.sqrt(c) / (1.0 + c)
     b = theta_E * jnp.sqrt(q)
     s = SIE_CORE_ARCSEC / jnp.sqrt(q)
-    xr, yr = _rotate(x - center_x, y - center_y, phi)
+    xr, yr = _rotate(dx, dy, phi)
     psi = jnp.sqrt(q * q * (s * s + xr * xr) + yr * yr)
     u = xr / (psi + s)
     v = yr / (psi + q * q * s)
-    elliptical = k > _ROUND_EPS
-    k_safe = jnp.where(elliptical, k, 1.0)
-    # arctan(k u) / k -> u as k -> 0 (the SIS limit), likewise arctanh.
-    ax_r = b * jnp.where(elliptical, jnp.arctan(k_safe * u) / k_safe, u)
-    ay_r = b * jnp.where(elliptical, jnp.arctanh(k_safe * v) / k_safe, v)
-    return _rotate(ax_r, ay_r, -phi)
+    return _rotate(b * jnp.arctan(k * u) / k, b * jnp.arctanh(k * v) / k, -phi)
+
+
+def _sie_near_round(dx: Array, dy: Array, theta_E: Array, e1: Array, e2: Array
+                    ) -> tuple[Array, Array]:
+    """The SIE deflection to first order in (e1, e2), at offsets (dx, dy) from the centre.
+
+    With eps = e1 + i e2 and theta the polar angle of (dx, dy), expanding Keeton's
+    formula (q = 1 - 2c, sqrt(1 - q^2) = 2 sqrt(c), arctan(k u) / k = u - k^2 u^3 / 3)
+    gives alpha_x + i alpha_y = theta_E (e^{i theta} - eps e^{-i theta} / 2
+    + conj(eps) e^{3 i theta} / 6) + O(c^2). The unit vector keeps the 1e-10" core of
+    the elliptical formula's round limit, so the centre is finite.
+    """
+    s = SIE_CORE_ARCSEC
+    rho = jnp.sqrt(s * s + dx * dx + dy * dy) + s
+    cos, sin = dx / rho, dy / rho
+    cos3, sin3 = cos * (cos * cos - 3.0 * sin * sin), sin * (3.0 * cos * cos - sin * sin)
+    ax = cos - (e1 * cos + e2 * sin) / 2.0 + (e1 * cos3 + e2 * sin3) / 6.0
+    ay = sin - (e2 * cos - e1 * sin) / 2.0 + (e1 * sin3 - e2 * cos3) / 6.0
+    return theta_E * ax, theta_E * ay
 
 
 def deflection_shear(x: Array, y: Array, gamma1: Array, gamma2: Array,

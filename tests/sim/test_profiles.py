@@ -512,11 +512,46 @@ def test_grad_sie_wrt_ellipticity_and_centre_matches_finite_differences():
                                            atol=1e-6 * np.max(np.abs(fd)), err_msg=name)
 
 
-@pytest.mark.xfail(strict=True, reason="known limitation: at exactly e1 = e2 = 0 the SIE "
-                   "position angle arctan2(0, 0) has a NaN derivative, so d alpha / d e is NaN")
-def test_grad_sie_wrt_ellipticity_is_finite_at_round_point():
-    """d alpha / d(e1, e2) at the exact round point should be finite (it is not yet: see xfail)."""
-    x, y = (jnp.asarray(a, jnp.float32) for a in _points())
-    g = jax.grad(lambda e: jnp.sum(profiles.deflection_sie(x, y, 1.0, e[0], e[1])[0]))(
-        jnp.zeros(2, jnp.float32))
-    assert np.all(np.isfinite(np.asarray(g)))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_grad_sie_wrt_ellipticity_at_round_point_matches_finite_differences(dtype):
+    """At exactly e1 = e2 = 0, where the position angle is undefined, d alpha / d(e1, e2)
+    is finite and equals central differences of lenstronomy's SIE across the round point."""
+    x, y = _points()
+    keep = _far_from(x, y, 0.1, -0.2)
+    x, y = _as_dtype((x[keep], y[keep]), dtype)
+    h = 1e-5
+    with jax.enable_x64(dtype == "float64"):
+        jac = jax.jacfwd(lambda e: jnp.stack(profiles.deflection_sie(
+            jnp.asarray(x), jnp.asarray(y), 1.3, e[0], e[1], 0.1, -0.2)))
+        j = np.asarray(jac(jnp.zeros(2, dtype)), np.float64)  # (2, P, 2)
+    assert np.all(np.isfinite(j))
+    for col, name in enumerate(("e1", "e2")):
+        plus = {"theta_E": 1.3, "e1": 0.0, "e2": 0.0, "center_x": 0.1, "center_y": -0.2}
+        minus = dict(plus)
+        plus[name], minus[name] = h, -h
+        fd = (np.stack(_lenstronomy_alpha(["SIE"], x, y, [plus]))
+              - np.stack(_lenstronomy_alpha(["SIE"], x, y, [minus]))) / (2 * h)
+        np.testing.assert_allclose(j[..., col], fd, rtol=0,
+                                   atol={"float32": 1e-5, "float64": 1e-8}[dtype] * np.max(np.abs(fd)),
+                                   err_msg=name)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sie_matches_lenstronomy_on_both_sides_of_the_near_round_switch(dtype):
+    """Just below `sie_near_round_modulus` (first-order expansion) and just above it
+    (Keeton's formula) the SIE equals lenstronomy's to the dtype's tolerance, so the
+    switch leaves no step in the field."""
+    switch = profiles.sie_near_round_modulus(dtype)
+    p = _as_dtype(_draw(8), dtype)
+    x, y = _as_dtype(_points(), dtype)
+    angles = np.random.RandomState(3).uniform(0.0, 2.0 * np.pi, NUM_DRAWS)
+    for modulus in (0.98 * switch, 1.02 * switch):
+        e1, e2 = _as_dtype((modulus * np.cos(angles), modulus * np.sin(angles)), dtype)
+        ax, ay = _call(_sie, dtype, x, y, p["theta_E"], e1, e2, p["center_x"], p["center_y"])
+        for i in range(NUM_DRAWS):
+            kw = {"theta_E": float(p["theta_E"][i]), "e1": float(e1[i]), "e2": float(e2[i]),
+                  "center_x": float(p["center_x"][i]), "center_y": float(p["center_y"][i])}
+            rx, ry = _lenstronomy_alpha(["SIE"], x, y, [kw])
+            keep = _far_from(x, y, kw["center_x"], kw["center_y"])
+            _assert_vectors_close(ax[i], ay[i], rx, ry, RTOL[dtype], keep,
+                                  f"SIE(|e|={modulus:.3g}) draw {i}")
