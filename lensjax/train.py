@@ -57,6 +57,28 @@ def learning_rate_schedule(train: ml_collections.ConfigDict) -> optax.Schedule:
         end_value=train.learning_rate * train.get("final_lr_fraction", 0.0))
 
 
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+    """`optax.clip_by_global_norm` as one scalar factor per step: each update t becomes
+    t * (1 if ||g|| < max_norm else max_norm / ||g||).
+
+    optax writes the clip as select(||g|| < max_norm, t, t / ||g|| * max_norm), which
+    XLA:CPU computes by materialising the scaled gradient and reading it beside the
+    raw one in each of AdamW's loops; a scalar factor lets each loop read the raw
+    gradient once: the ResNet-18 step at 64 px reads and writes 2.40 GB instead of
+    2.62 (XLA's cost analysis) and runs 1.01x faster on CPU, at 150 px 1.005x (the
+    ViT-S MAE 2.88 GB instead of 3.23, in the same time). The same values where no
+    clipping happens; where it does, the product differs from optax's by rounding
+    (tested). State: optax's EmptyState, so checkpoints are interchangeable.
+    """
+    def update_fn(updates, state, params=None):
+        del params
+        norm = optax.tree.norm(updates)
+        factor = jnp.where(norm < max_norm, 1.0, max_norm / norm)
+        return jax.tree.map(lambda t: t * factor.astype(t.dtype), updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
 def _path_name(path) -> str:
     """"blocks/0/conv1/kernel" for a pytree path into an nnx.State of parameters."""
     parts = [str(getattr(k, "key", getattr(k, "idx", k))) for k in path]
@@ -121,7 +143,7 @@ def make_optimizer(train: ml_collections.ConfigDict, params=None,
         inner = optax.multi_transform(transforms, labels)
     parts = []
     if train.get("grad_clip_norm"):
-        parts.append(optax.clip_by_global_norm(train.grad_clip_norm))
+        parts.append(clip_by_global_norm(train.grad_clip_norm))
     parts.append(inner)
     return optax.chain(*parts)
 

@@ -1,6 +1,7 @@
 """lensjax.train.make_optimizer: frozen parameters stay put (also under weight decay),
 layer-wise LR decay scales each ViT layer's Adam step by decay ** (L - layer), weight
-decay spares biases and norms, and the schedule warms up then decays."""
+decay spares biases and norms, the schedule warms up then decays, and the gradient
+clip (lensjax's scalar-factor form) equals optax's."""
 
 import jax
 import jax.numpy as jnp
@@ -91,3 +92,48 @@ def test_schedule_warms_up_then_decays_to_the_final_fraction():
     np.testing.assert_allclose(float(schedule(100)), 0.1, rtol=1e-5)
     values = [float(schedule(s)) for s in range(10, 101, 10)]
     assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+@pytest.mark.parametrize("scale", [1e-3, 10.0])
+def test_clip_by_global_norm_equals_optaxs(scale):
+    """Below the limit the updates are optax's bit for bit (t * 1.0 == t); above it they
+    differ from optax's t / ||g|| * max_norm by rounding only, and the global norm of
+    the clipped updates is max_norm. The state is optax's (checkpoints interchangeable)."""
+    _, params = _vit()
+    grads = jax.tree.map(lambda p: scale * jax.random.normal(jax.random.key(p.size), p.shape),
+                         params)
+    ours, reference = train.clip_by_global_norm(1.0), optax.clip_by_global_norm(1.0)
+    state = ours.init(params)
+    assert jax.tree.structure(state) == jax.tree.structure(reference.init(params))
+    clipped, _ = jax.jit(ours.update)(grads, state)
+    expected, _ = jax.jit(reference.update)(grads, reference.init(params))
+    clips = float(optax.tree.norm(grads)) >= 1.0
+    assert clips == (scale > 1.0)
+    for a, b in zip(jax.tree.leaves(clipped), jax.tree.leaves(expected)):
+        if clips:
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=0)
+        else:
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    if clips:
+        assert abs(float(optax.tree.norm(clipped)) - 1.0) < 1e-5
+
+
+def test_make_optimizer_clips_the_gradient_before_adamw():
+    _, params = _vit()
+    grads = jax.tree.map(lambda p: jax.random.normal(jax.random.key(p.size), p.shape), params)
+    # A limit so small that the clipped gradients fall below Adam's eps, where Adam is no
+    # longer scale-invariant: clipping or not shows in the parameters.
+    clipped = train.make_optimizer(_train_config(grad_clip_norm=1e-9, weight_decay=0.1), params)
+    unclipped = train.make_optimizer(_train_config(weight_decay=0.1), params)
+    by_hand = optax.chain(train.clip_by_global_norm(1e-9), unclipped)
+    results = []
+    for tx in (clipped, by_hand, unclipped):
+        state, p = tx.init(params), params
+        for _ in range(2):
+            updates, state = tx.update(grads, state, p)
+            p = optax.apply_updates(p, updates)
+        results.append(jax.tree.leaves(p))
+    for a, b in zip(results[0], results[1]):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert max(float(np.max(np.abs(np.asarray(a) - np.asarray(c))))
+               for a, c in zip(results[0], results[2])) > 1e-4

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lensjax.models import register
-from lensjax.models.layers import CONV_IMPLS, BatchNorm, Conv, max_pool
+from lensjax.models.layers import CONV_IMPLS, BatchNorm, Conv, materialize, max_pool
 
 Array = jax.Array
 
@@ -68,7 +68,8 @@ class BasicBlock(nnx.Module):
         y = self.bn2(self.conv2(y))
         if self.shortcut_conv is not None:
             x = self.shortcut_bn(self.shortcut_conv(x))
-        return nnx.relu(x + y)
+        # Read by the next block's convolutions and the backward pass: computed once (CPU).
+        return materialize(nnx.relu(x + y), self.bn2.scale[...])
 
 
 class Bottleneck(nnx.Module):
@@ -99,7 +100,8 @@ class Bottleneck(nnx.Module):
         y = self.bn3(self.conv3(y))
         if self.shortcut_conv is not None:
             x = self.shortcut_bn(self.shortcut_conv(x))
-        return nnx.relu(x + y)
+        # Read by the next block's convolutions and the backward pass: computed once (CPU).
+        return materialize(nnx.relu(x + y), self.bn3.scale[...])
 
 
 def resolve_stem(stem: str, image_size: int) -> str:
