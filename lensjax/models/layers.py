@@ -815,7 +815,7 @@ def dot_product_attention(query: Array, key: Array, value: Array) -> Array:
 # ----------------------------------------------------------------------------
 
 def max_pool(x: Array, window: Sequence[int], strides: Sequence[int],
-             padding: Sequence[tuple[int, int]]) -> Array:
+             padding: Sequence[tuple[int, int]], fence: Array | None = None) -> Array:
     """Max pooling of NHWC maps, as `nnx.max_pool` (padding counts as -inf).
 
     x (B, H, W, C) -> (B, Ho, Wo, C); window, strides: (kh, kw), (sh, sw); padding:
@@ -825,11 +825,17 @@ def max_pool(x: Array, window: Sequence[int], strides: Sequence[int],
     this one 8 ms and PyTorch's 26 ms (`experiments/benchmarks/bench_kernels.py`).
     Same values; a tie goes to the first maximum of the window in row-major
     order, as in XLA and PyTorch.
+
+    fence: optional small replicated array (a parameter, e.g. the preceding
+    BatchNorm's scale). Given, the gradient's window-argmax map and incoming
+    gradient are materialised once (`_behind_conditional`) instead of being
+    recomputed by XLA:CPU for each of the kh * kw placements of every input pixel:
+    inside the ResNet-18 step at 150 px that gradient took 11.3 ms.
     """
     window, strides = tuple(int(k) for k in window), tuple(int(s) for s in strides)
     padding = tuple((int(lo), int(hi)) for lo, hi in padding)
     if jax.default_backend() == "cpu":
-        return _max_pool_strided(x, window, strides, padding)
+        return _max_pool_strided(x, fence, window, strides, padding)
     return max_pool_xla(x, window, strides, padding)
 
 
@@ -859,25 +865,29 @@ def _pool_forward(x, window, strides, padding):
     return y, taps
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
-def _max_pool_strided(x: Array, window, strides, padding) -> Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _max_pool_strided(x: Array, fence: Array | None, window, strides, padding) -> Array:
     return _pool_forward(x, window, strides, padding)[0]
 
 
-def _max_pool_strided_fwd(x, window, strides, padding):
+def _max_pool_strided_fwd(x, fence, window, strides, padding):
     y, taps = _pool_forward(x, window, strides, padding)
     # Which tap holds the window's (first) maximum: one small int array for the backward pass.
     first = jnp.full(y.shape, len(taps), jnp.int32)
     for k in reversed(range(len(taps))):
         first = jnp.where(taps[k] == y, k, first)
-    return y, (first, x.shape)
+    if fence is not None:
+        first = _behind_conditional(jnp.copy, first, fence)
+    return y, (first, x.shape, fence)
 
 
 def _max_pool_strided_bwd(window, strides, padding, residuals, dy):
     """dx: each output's gradient goes to its window's first maximum. Tap k's share is
     placed on the input grid by an interior-padded lax.pad; the kh * kw placements
     sum in one elementwise fusion (no scatter)."""
-    first, x_shape = residuals
+    first, x_shape, fence = residuals
+    if fence is not None:
+        dy = _behind_conditional(jnp.copy, dy, fence)
     (top, bottom), (left, right) = padding
     padded_hw = (x_shape[1] + top + bottom, x_shape[2] + left + right)
     out_hw = dy.shape[1:3]
@@ -892,7 +902,7 @@ def _max_pool_strided_bwd(window, strides, padding, residuals, dy):
         placed = lax.pad(jnp.where(first == k, dy, zero), zero, (*placement, (0, 0, 0)))
         dx_padded = placed if dx_padded is None else dx_padded + placed
     dx = dx_padded[:, top:top + x_shape[1], left:left + x_shape[2], :]
-    return (dx,)
+    return dx, None if fence is None else jnp.zeros_like(fence)
 
 
 _max_pool_strided.defvjp(_max_pool_strided_fwd, _max_pool_strided_bwd)

@@ -155,7 +155,8 @@ class ResNet(nnx.Module):
             raise ValueError(f"expected images of shape (B, H, W, {self.in_channels}), got {x.shape}")
         y = nnx.relu(self.stem_bn(self.stem_conv(x)))
         if self.stem == "imagenet":
-            y = max_pool(y, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+            y = max_pool(y, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)),
+                         fence=self.stem_bn.scale[...])
         for block in self.blocks:
             y = block(y)
         return jnp.mean(y, axis=(1, 2))

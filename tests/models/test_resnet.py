@@ -227,16 +227,29 @@ def test_materialize_computes_a_residual_chain_once_for_all_its_consumers():
     (9, (2, 2), (2, 2), ((0, 0), (0, 0))),    # non-overlapping, odd map (last row unused)
     (8, (3, 2), (1, 2), ((1, 1), (0, 1))),    # uneven window, strides and padding
 ])
-def test_max_pool_values_and_gradients_equal_reduce_window(size, window, strides, padding):
+@pytest.mark.parametrize("fenced", [False, True])
+def test_max_pool_values_and_gradients_equal_reduce_window(size, window, strides, padding, fenced):
     """lensjax's max pool (custom gradient on CPU) against lax.reduce_window and its
     XLA gradient, on ReLU'd quantised inputs, so that many windows hold tied maxima
-    (the gradient must go to the first of them, as XLA's and PyTorch's do)."""
+    (the gradient must go to the first of them, as XLA's and PyTorch's do); with a
+    fence (argmax map and incoming gradient materialised on CPU) the same, and the
+    fence gets a zero gradient."""
     x = jnp.round(4 * jax.nn.relu(jax.random.normal(jax.random.key(0), (2, size, size + 1, 3)))) / 4
-    y = layers.max_pool(x, window, strides, padding)
+    fence = jnp.ones((3,)) if fenced else None
+
+    def pool(x, fence):
+        return layers.max_pool(x, window, strides, padding, fence=fence)
+
+    y = jax.jit(pool)(x, fence)
     expected = layers.max_pool_xla(x, window, strides, padding)
     np.testing.assert_array_equal(np.asarray(y), np.asarray(expected))
     dy = jax.random.normal(jax.random.key(1), y.shape)
-    grad = jax.vjp(lambda x: layers.max_pool(x, window, strides, padding), x)[1](dy)[0]
+    backward = jax.jit(lambda x, fence, dy: jax.vjp(pool, x, fence)[1](dy))
+    grad, dfence = backward(x, fence, dy)
+    if fenced:
+        assert dfence.tolist() == [0.0] * 3
+        if jax.default_backend() == "cpu":
+            assert "conditional(" in backward.lower(x, fence, dy).compile().as_text()
     expected_grad = jax.vjp(lambda x: layers.max_pool_xla(x, window, strides, padding),
                             x)[1](dy)[0]
     np.testing.assert_allclose(np.asarray(grad), np.asarray(expected_grad), rtol=1e-6, atol=1e-6)
