@@ -76,7 +76,7 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
         factor = jnp.where(norm < max_norm, 1.0, max_norm / norm)
         return jax.tree.map(lambda t: t * factor.astype(t.dtype), updates), state
 
-    return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+    return optax.GradientTransformation(optax.init_empty_state, update_fn)
 
 
 def _path_name(path) -> str:

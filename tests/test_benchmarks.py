@@ -45,7 +45,6 @@ def test_cpu_description_falls_back_to_the_platform_without_cpuinfo():
     assert cpu_description() != ""
 
 
-
 # ResNet-18's stride-1 3 x 3 convolutions with more than one input channel: four of
 # 64 channels in the first stage, three per later stage (the first of each is
 # strided). resnet18_64 keeps 64 px in its stride-1 stem; resnet18_150's ImageNet stem

@@ -44,6 +44,13 @@ def _batch_norm(features: int, *, dtype: Any, zero_scale: bool = False,
                      rngs=rngs)
 
 
+def _block_output(shortcut: Array, residual: Array, fence: Array) -> Array:
+    """relu(shortcut + residual), stored once on CPU (`layers.materialize`): the next
+    block's convolutions and the backward pass read it instead of each recomputing it.
+    fence: the block's last BatchNorm scale."""
+    return materialize(nnx.relu(shortcut + residual), fence)
+
+
 class BasicBlock(nnx.Module):
     """Two 3x3 convs with a residual connection (ResNet-18/34)."""
 
@@ -68,8 +75,7 @@ class BasicBlock(nnx.Module):
         y = self.bn2(self.conv2(y))
         if self.shortcut_conv is not None:
             x = self.shortcut_bn(self.shortcut_conv(x))
-        # Read by the next block's convolutions and the backward pass: computed once (CPU).
-        return materialize(nnx.relu(x + y), self.bn2.scale[...])
+        return _block_output(x, y, self.bn2.scale[...])
 
 
 class Bottleneck(nnx.Module):
@@ -100,8 +106,7 @@ class Bottleneck(nnx.Module):
         y = self.bn3(self.conv3(y))
         if self.shortcut_conv is not None:
             x = self.shortcut_bn(self.shortcut_conv(x))
-        # Read by the next block's convolutions and the backward pass: computed once (CPU).
-        return materialize(nnx.relu(x + y), self.bn3.scale[...])
+        return _block_output(x, y, self.bn3.scale[...])
 
 
 def resolve_stem(stem: str, image_size: int) -> str:
